@@ -1,0 +1,23 @@
+"""The one place tasks are created: a reference is kept until the task ends (asyncio only
+keeps weak ones, so a fire-and-forget task can be garbage-collected mid-flight) and every
+task gets a name that shows up in debug output."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+_background: set[asyncio.Task[Any]] = set()
+
+
+def create_task(
+    coro: Coroutine[Any, Any, T], *, name: str, keep_ref: bool = True
+) -> asyncio.Task[T]:
+    task = asyncio.create_task(coro, name=name)
+    if keep_ref:
+        _background.add(task)
+        task.add_done_callback(_background.discard)
+    return task

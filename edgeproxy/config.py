@@ -1,0 +1,408 @@
+"""Typed, frozen, validated settings: a bad config cannot exist past `load_settings`.
+
+Rules:
+- Every key of the TOML file maps to one field; an unknown key is an error (typos surface at
+  start, not as a silently ignored setting).
+- `EDGEPROXY_<SECTION>_<KEY>` environment variables override single keys; the value is read
+  as a TOML value (`2`, `"x"`, `["127.0.0.1:8443"]`), or as a plain string when it isn't one.
+- Relative paths are relative to the working directory the edge is started from.
+- Durations are float seconds; sizes say their unit in the name.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from edgeproxy.errors import ConfigError
+
+TRACKER_ROUTES = ("/track", "/chat", "/collection", "/general")
+"""The paths the tag talks to (seed: track_url, chat_url, collection_url, general_url)."""
+
+LogLevel = Literal["debug", "info", "warning", "error"]
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_address(value: object, key: str) -> Address:
+    """Parse `host:port` or `[v6]:port`; port 0 asks the kernel for a free one."""
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f'{key}: expected "host:port", got {value!r}')
+    if value.startswith("["):
+        host, sep, port_s = value[1:].partition("]:")
+    else:
+        host, sep, port_s = value.rpartition(":")
+    if not sep or not host or not port_s.isdigit() or not 0 <= int(port_s) <= 65535:
+        raise ConfigError(
+            f"{key}: {value!r} is not host:port",
+            hint='write e.g. "0.0.0.0:443" or "[::]:443"',
+        )
+    return Address(host, int(port_s))
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    listen: tuple[Address, ...] = (Address("0.0.0.0", 443),)
+    workers: int = 1
+    """Processes serving the same port; 0 means one per CPU core."""
+    handshake_timeout: float = 10.0
+    keepalive_timeout: float = 75.0
+    """How long an idle client connection is kept open between requests."""
+    header_timeout: float = 10.0
+    """Time allowed from a request's first byte to the end of its headers (slowloris bound)."""
+    max_header_bytes: int = 16384
+    max_headers: int = 100
+    max_body_bytes: int = 1048576
+    drain_timeout: float = 10.0
+    """On SIGTERM, how long in-flight requests may take before the worker exits anyway."""
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    """Peers whose X-Forwarded-For / Forwarded are believed (CIDRs)."""
+    backlog: int = 1024
+
+    def __post_init__(self) -> None:
+        if not self.listen:
+            raise ConfigError("server.listen: at least one address is needed")
+        if self.workers < 0 or self.workers > 256:
+            raise ConfigError(f"server.workers: {self.workers} is not between 0 and 256")
+        _positive(
+            "server",
+            self,
+            "handshake_timeout",
+            "keepalive_timeout",
+            "header_timeout",
+            "drain_timeout",
+            "max_header_bytes",
+            "max_headers",
+            "max_body_bytes",
+            "backlog",
+        )
+
+    @property
+    def worker_count(self) -> int:
+        return self.workers or (os.cpu_count() or 1)
+
+
+@dataclass(frozen=True, slots=True)
+class CertsSettings:
+    dir: Path = Path("certs")
+    trust_bundle: Path | None = None
+    cache_size: int = 10000
+    """How many per-domain SSL contexts a worker keeps built (LRU)."""
+
+    def __post_init__(self) -> None:
+        _positive("certs", self, "cache_size")
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    prefix: str
+    upstreams: tuple[str, ...]
+    long_lived: bool = False
+    """Long-lived routes (chat) may upgrade to WebSocket and stream past response_timeout."""
+
+    def __post_init__(self) -> None:
+        key = f'routes."{self.prefix}"'
+        if not any(self.prefix == r or self.prefix.startswith(r + "/") for r in TRACKER_ROUTES):
+            raise ConfigError(
+                f"{key}: only the tracker routes {', '.join(TRACKER_ROUTES)} (or paths under "
+                "them) can be forwarded",
+                hint="the edge answers 404 for everything else by design",
+            )
+        if self.prefix.endswith("/") or "//" in self.prefix or "." in self.prefix.split("/"):
+            raise ConfigError(f"{key}: write the prefix without a trailing slash or dot segments")
+        if not self.upstreams:
+            raise ConfigError(f"{key}: list at least one upstream URL")
+        for url in self.upstreams:
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ConfigError(f"{key}: {url!r} is not an http:// or https:// URL")
+            if parts.query or parts.fragment:
+                raise ConfigError(f"{key}: {url!r} must not have a query or fragment")
+            try:
+                parts.port  # noqa: B018 - raises ValueError on a bad port
+            except ValueError as exc:
+                raise ConfigError(f"{key}: {url!r} has an invalid port") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class ProxySettings:
+    long_lived_routes: tuple[str, ...] = ("/chat",)
+    connect_timeout: float = 2.0
+    response_timeout: float = 10.0
+    """Beacon routes: time from sending the request to the end of the upstream's response."""
+    long_lived_idle_timeout: float = 300.0
+    """Long-lived routes: the longest silence in either direction before the edge gives up."""
+    upstream_keepalive_timeout: float = 30.0
+    """Idle pooled upstream connections are closed after this long."""
+    upstream_max_idle: int = 64
+    """Idle connections kept per upstream URL."""
+
+    def __post_init__(self) -> None:
+        _positive(
+            "proxy",
+            self,
+            "connect_timeout",
+            "response_timeout",
+            "long_lived_idle_timeout",
+            "upstream_keepalive_timeout",
+            "upstream_max_idle",
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsSettings:
+    listen: Address | None = Address("127.0.0.1", 9100)
+
+
+@dataclass(frozen=True, slots=True)
+class AdminSettings:
+    listen: Address | None = Address("127.0.0.1", 9200)
+    token_file: Path = Path("conf/admin.token")
+
+
+@dataclass(frozen=True, slots=True)
+class LogSettings:
+    level: LogLevel = "info"
+    access: bool = True
+    """JSON access log lines on stdout (logger edgeproxy.access)."""
+
+    def __post_init__(self) -> None:
+        if self.level not in ("debug", "info", "warning", "error"):
+            raise ConfigError(f"log.level: {self.level!r} is not debug, info, warning or error")
+
+
+def _default_routes() -> tuple[Route, ...]:
+    return tuple(
+        Route(p, ("http://127.0.0.1:8081",), long_lived=p == "/chat") for p in TRACKER_ROUTES
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    server: ServerSettings = field(default_factory=ServerSettings)
+    certs: CertsSettings = field(default_factory=CertsSettings)
+    routes: tuple[Route, ...] = field(default_factory=_default_routes)
+    proxy: ProxySettings = field(default_factory=ProxySettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    admin: AdminSettings = field(default_factory=AdminSettings)
+    log: LogSettings = field(default_factory=LogSettings)
+
+    def __post_init__(self) -> None:
+        prefixes = [r.prefix for r in self.routes]
+        if len(set(prefixes)) != len(prefixes):
+            raise ConfigError("routes: a prefix is listed twice")
+        for p in self.proxy.long_lived_routes:
+            if p not in prefixes:
+                raise ConfigError(f"proxy.long_lived_routes: {p!r} is not a key of [routes]")
+
+
+def _positive(section: str, obj: object, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value <= 0:
+            raise ConfigError(f"{section}.{name}: must be greater than 0, got {value!r}")
+
+
+# --- loading -------------------------------------------------------------------------------
+
+_SECTIONS = ("server", "certs", "routes", "proxy", "metrics", "admin", "log")
+
+
+def load_settings(path: Path | None, env: Mapping[str, str] | None = None) -> Settings:
+    """Read a TOML file (or nothing: all defaults) plus EDGEPROXY_* overrides.
+
+    Raises:
+        ConfigError: the file is missing or unreadable, or any key is unknown or invalid.
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise ConfigError(f"config file {path} does not exist") from exc
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"config file {path} cannot be read: {exc}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+    _apply_env(raw, os.environ if env is None else env)
+    return settings_from_dict(raw)
+
+
+def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> None:
+    for name, value in env.items():
+        if not name.startswith("EDGEPROXY_") or name.count("_") < 2:
+            continue
+        section, _, key = name[len("EDGEPROXY_") :].lower().partition("_")
+        if section not in _SECTIONS or section == "routes":
+            continue
+        try:
+            parsed: object = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            parsed = value
+        raw.setdefault(section, {})[key] = parsed
+
+
+def settings_from_dict(raw: Mapping[str, Any]) -> Settings:
+    """Build Settings from a parsed TOML document; every error names its key."""
+    for section in raw:
+        if section not in _SECTIONS:
+            raise ConfigError(f"{section}: unknown section (known: {', '.join(_SECTIONS)})")
+    s = _Section(raw, "server")
+    server = ServerSettings(
+        listen=tuple(
+            parse_address(a, "server.listen") for a in s.strings("listen", ["0.0.0.0:443"])
+        ),
+        workers=s.integer("workers", 1),
+        handshake_timeout=s.number("handshake_timeout", 10.0),
+        keepalive_timeout=s.number("keepalive_timeout", 75.0),
+        header_timeout=s.number("header_timeout", 10.0),
+        max_header_bytes=s.integer("max_header_bytes", 16384),
+        max_headers=s.integer("max_headers", 100),
+        max_body_bytes=s.integer("max_body_bytes", 1048576),
+        drain_timeout=s.number("drain_timeout", 10.0),
+        trusted_proxies=tuple(
+            _network(v, "server.trusted_proxies") for v in s.strings("trusted_proxies", [])
+        ),
+        backlog=s.integer("backlog", 1024),
+    )
+    s.done()
+    c = _Section(raw, "certs")
+    trust = c.text("trust_bundle", "")
+    certs = CertsSettings(
+        dir=Path(c.text("dir", "certs")),
+        trust_bundle=Path(trust) if trust else None,
+        cache_size=c.integer("cache_size", 10000),
+    )
+    c.done()
+    p = _Section(raw, "proxy")
+    proxy = ProxySettings(
+        long_lived_routes=tuple(p.strings("long_lived_routes", ["/chat"])),
+        connect_timeout=p.number("connect_timeout", 2.0),
+        response_timeout=p.number("response_timeout", 10.0),
+        long_lived_idle_timeout=p.number("long_lived_idle_timeout", 300.0),
+        upstream_keepalive_timeout=p.number("upstream_keepalive_timeout", 30.0),
+        upstream_max_idle=p.integer("upstream_max_idle", 64),
+    )
+    p.done()
+    routes_raw = raw.get("routes")
+    if routes_raw is None:
+        routes = tuple(
+            Route(r.prefix, r.upstreams, long_lived=r.prefix in proxy.long_lived_routes)
+            for r in _default_routes()
+        )
+    else:
+        if not isinstance(routes_raw, dict) or not routes_raw:
+            raise ConfigError('routes: expected a table of "/prefix" = ["http://..."]')
+        routes = tuple(
+            Route(
+                str(prefix),
+                tuple(_str_list(urls, f'routes."{prefix}"')),
+                long_lived=prefix in proxy.long_lived_routes,
+            )
+            for prefix, urls in routes_raw.items()
+        )
+    m = _Section(raw, "metrics")
+    metrics_listen = m.text("listen", "127.0.0.1:9100")
+    metrics = MetricsSettings(
+        listen=parse_address(metrics_listen, "metrics.listen") if metrics_listen else None
+    )
+    m.done()
+    a = _Section(raw, "admin")
+    admin_listen = a.text("listen", "127.0.0.1:9200")
+    admin = AdminSettings(
+        listen=parse_address(admin_listen, "admin.listen") if admin_listen else None,
+        token_file=Path(a.text("token_file", "conf/admin.token")),
+    )
+    a.done()
+    lg = _Section(raw, "log")
+    log = LogSettings(level=lg.text("level", "info"), access=lg.flag("access", True))  # type: ignore[arg-type]
+    lg.done()
+    return Settings(
+        server=server,
+        certs=certs,
+        routes=routes,
+        proxy=proxy,
+        metrics=metrics,
+        admin=admin,
+        log=log,
+    )
+
+
+def _network(value: object, key: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    try:
+        return ipaddress.ip_network(str(value), strict=False)
+    except ValueError as exc:
+        raise ConfigError(f"{key}: {value!r} is not an IP address or CIDR") from exc
+
+
+def _str_list(value: object, key: str) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{key}: expected a list of strings, got {value!r}")
+    return value
+
+
+class _Section:
+    """Typed reads from one TOML table, remembering which keys were used."""
+
+    def __init__(self, raw: Mapping[str, Any], name: str) -> None:
+        table = raw.get(name, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"{name}: expected a table [{name}]")
+        self.name, self.table, self.used = name, table, set[str]()
+
+    def _get(self, key: str, default: Any) -> Any:
+        self.used.add(key)
+        return self.table.get(key, default)
+
+    def _bad(self, key: str, want: str, value: object) -> ConfigError:
+        return ConfigError(f"{self.name}.{key}: expected {want}, got {value!r}")
+
+    def integer(self, key: str, default: int) -> int:
+        v = self._get(key, default)
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise self._bad(key, "an integer", v)
+        return v
+
+    def number(self, key: str, default: float) -> float:
+        v = self._get(key, default)
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            raise self._bad(key, "a number of seconds", v)
+        return float(v)
+
+    def text(self, key: str, default: str) -> str:
+        v = self._get(key, default)
+        if not isinstance(v, str):
+            raise self._bad(key, "a string", v)
+        return v
+
+    def flag(self, key: str, default: bool) -> bool:
+        v = self._get(key, default)
+        if not isinstance(v, bool):
+            raise self._bad(key, "true or false", v)
+        return v
+
+    def strings(self, key: str, default: list[Any]) -> list[str]:
+        return _str_list(self._get(key, default), f"{self.name}.{key}")
+
+    def done(self) -> None:
+        unknown = sorted(set(self.table) - self.used)
+        if unknown:
+            raise ConfigError(
+                f"{self.name}.{unknown[0]}: unknown key",
+                hint=f"known keys in [{self.name}]: {', '.join(sorted(self.used))}",
+            )

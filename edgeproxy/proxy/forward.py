@@ -1,0 +1,894 @@
+"""The beacon hot path: a client connection's requests, routed and forwarded upstream.
+
+Rules:
+- Only the configured tracker routes reach an upstream; every other request is answered
+  by the edge (404, 400, 413, 421, 431, ...) and never leaves it.
+- A request whose Host (port aside) is not its connection's SNI name gets 421, so one
+  customer's connection can't be used to reach another customer's host.
+- Request and response bodies stream through with flow control both ways; the request
+  body limit is enforced on Content-Length up front and on chunked bodies as they arrive.
+- Beacon routes answer within `response_timeout` (504) and fail fast when no upstream
+  accepts a connection (502, after one retry on another URL of the route). Long-lived
+  routes (chat) may upgrade to a WebSocket tunnel and stream, bounded by an idle timeout.
+- Every request ends in exactly one `_finish`: one metric observation, one access line.
+
+Theory of operation: `ClientConnection` is the asyncio protocol of one TLS connection;
+llhttp (httptools) calls its `on_*` methods as bytes arrive. When a request's headers are
+complete it becomes the head of the connection's queue (pipelined requests wait behind
+it) and gets an `Exchange`. The exchange finds an upstream connection (the only await on
+the path) and writes the request; from then on everything is callbacks: upstream parser
+-> exchange -> client transport, and client parser -> exchange -> upstream transport.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from typing import TYPE_CHECKING, cast
+
+import httptools
+
+from edgeproxy.asyncio_utils import create_task
+from edgeproxy.config import Settings
+from edgeproxy.errors import UpstreamError, UpstreamTimeout
+from edgeproxy.logging import access_log, proxy_log
+from edgeproxy.metrics import NO_ROUTE, Metrics
+from edgeproxy.proxy.headers import FORWARDING, Header, end_to_end, forwarding_headers
+from edgeproxy.proxy.routes import RouteTable, RouteTarget, is_safe_path
+from edgeproxy.proxy.upstream import UpstreamConnection, UpstreamPool
+from edgeproxy.tls.sni import SNI_ATTR, HandshakeTally
+
+if TYPE_CHECKING:
+    from prometheus_client.metrics import Histogram
+
+REPLAY_LIMIT = 65536
+"""Request bodies up to this size are kept so a stale pooled connection can be retried."""
+BUFFER_LIMIT = 262144
+"""Request body bytes buffered before an upstream is attached, before reading pauses."""
+
+# Reasons the client's reading is paused; reading resumes when none is left.
+_PAUSE_UPSTREAM = 1  # the upstream's write buffer is full
+_PAUSE_BUFFER = 2  # body buffered while no upstream is attached yet
+_PAUSE_PIPELINE = 4  # a complete request waits for the response ahead of it
+
+_REASONS = {
+    400: b"Bad Request",
+    404: b"Not Found",
+    408: b"Request Timeout",
+    413: b"Content Too Large",
+    421: b"Misdirected Request",
+    431: b"Request Header Fields Too Large",
+    499: b"Client Closed Request",
+    502: b"Bad Gateway",
+    503: b"Service Unavailable",
+    504: b"Gateway Timeout",
+}
+_ERROR_CODES = {
+    400: "bad_request",
+    404: "not_found",
+    408: "request_timeout",
+    413: "body_too_large",
+    421: "misdirected_request",
+    431: "headers_too_large",
+    502: "bad_gateway",
+    503: "draining",
+    504: "gateway_timeout",
+}
+
+
+@dataclass(slots=True)
+class ProxyContext:
+    """Per-worker state shared by every client connection."""
+
+    settings: Settings
+    metrics: Metrics
+    routes: RouteTable
+    pools: dict[str, UpstreamPool]
+    tally: HandshakeTally
+    connections: set[ClientConnection] = field(default_factory=set)
+    draining: bool = False
+    pid: int = field(default_factory=os.getpid)
+    _hist: dict[tuple[str, str], Histogram] = field(default_factory=dict)
+    _upstream_hist: dict[str, Histogram] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for route in self.metrics.route_labels:
+            self._upstream_hist[route] = self.metrics.upstream_duration.labels(route)
+            for cls in ("1xx", "2xx", "3xx", "4xx", "5xx"):
+                self._hist[(route, cls)] = self.metrics.request_duration.labels(route, cls)
+
+    def observe(self, route: str, status: int, seconds: float) -> None:
+        cls = f"{min(max(status // 100, 1), 5)}xx"
+        self._hist[(route, cls)].observe(seconds)
+
+    def observe_upstream(self, route: str, seconds: float) -> None:
+        self._upstream_hist[route].observe(seconds)
+
+    def upstream_error(self, route: str, kind: str) -> None:
+        self.metrics.upstream_errors.labels(route, kind).inc()
+
+
+class _HeadersTooLarge(Exception):
+    pass
+
+
+class Request:
+    """One request on a client connection, from its first byte to the end of its response."""
+
+    __slots__ = (
+        "target",
+        "headers",
+        "header_bytes",
+        "method",
+        "version",
+        "keep_alive",
+        "upgrade",
+        "chunks",
+        "body_size",
+        "complete",
+        "chunked",
+        "content_length",
+        "exchange",
+        "route",
+        "path",
+        "started",
+        "discard",
+        "status",
+    )
+
+    def __init__(self) -> None:
+        self.target = b""
+        self.headers: list[Header] = []
+        self.header_bytes = 0
+        self.method = b""
+        self.version = "1.1"
+        self.keep_alive = True
+        self.upgrade = False
+        self.chunks: list[bytes] = []
+        """Body bytes not yet handed to an upstream (kept for replay while small)."""
+        self.body_size = 0
+        self.complete = False
+        self.chunked = False
+        self.content_length: int | None = None
+        self.exchange: Exchange | None = None
+        self.route = NO_ROUTE
+        self.path = b""
+        self.started = 0.0
+        self.discard = False
+        """The edge answered without forwarding: body bytes are dropped."""
+        self.status = 0
+
+
+class ClientConnection(asyncio.Protocol):
+    """One client TLS connection (the protocol is created at accept, before the handshake)."""
+
+    def __init__(self, ctx: ProxyContext) -> None:
+        self.ctx = ctx
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.sni = ""
+        self.peer = ""
+        self.current: Request | None = None
+        self.queue: deque[Request] = deque()
+        self.tunnel: UpstreamConnection | None = None
+        self.tunnel_early = b""
+        self.closed = False
+        self.eof = False
+        self.handshaken = False
+        self._paused = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._write_paused = False
+        self._write_waiter: UpstreamConnection | None = None
+
+    # --- connection lifecycle --------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports don't subclass asyncio.Transport, but have its methods.
+        self.transport = cast(asyncio.Transport, transport)
+        self.handshaken = True
+        ctx = self.ctx
+        ctx.tally.ok()
+        ctx.metrics.connections_active.inc()
+        ctx.connections.add(self)
+        sslobj = transport.get_extra_info("ssl_object")
+        self.sni = getattr(sslobj, SNI_ATTR, "") if sslobj is not None else ""
+        peer = transport.get_extra_info("peername")
+        self.peer = peer[0] if isinstance(peer, tuple) else ""
+        if ctx.draining:
+            transport.close()
+            return
+        # The first request gets the header timeout, not the (longer) keep-alive one.
+        self._arm(ctx.settings.server.header_timeout, self._on_header_timeout)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._disarm()
+        self.ctx.connections.discard(self)
+        self.ctx.metrics.connections_active.dec()
+        if self.tunnel is not None:
+            self.tunnel.abort()
+            self.tunnel = None
+        for req in list(self.queue):
+            if req.exchange is not None:
+                req.exchange.on_client_lost()
+        self.queue.clear()
+
+    def __del__(self) -> None:
+        if not self.handshaken:
+            self.ctx.tally.failed()
+
+    def data_received(self, data: bytes) -> None:
+        if self.tunnel is not None:
+            self.tunnel.write(data)
+            if self.queue and self.queue[0].exchange is not None:
+                self.queue[0].exchange.touch()
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            self.tunnel_early += data[exc.args[0] :]
+            self._pause(_PAUSE_PIPELINE)
+        except _HeadersTooLarge:
+            self._reject(431)
+        except httptools.HttpParserError as exc:
+            cause = exc.__context__ or exc.__cause__
+            if isinstance(cause, _HeadersTooLarge):
+                self._reject(431)
+            else:
+                self._reject(400)
+
+    def eof_received(self) -> bool | None:
+        # A client half-close ends the connection once the response in flight is written.
+        self.eof = True
+        return bool(self.queue)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        head = self.queue[0] if self.queue else None
+        conn = head.exchange.conn if head is not None and head.exchange is not None else None
+        conn = conn or self.tunnel
+        if conn is not None and conn.transport is not None:
+            conn.transport.pause_reading()
+            self._write_waiter = conn
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        conn, self._write_waiter = self._write_waiter, None
+        if conn is not None and conn.transport is not None and not conn.closed:
+            conn.transport.resume_reading()
+
+    # --- timers and flow control -----------------------------------------------------------
+
+    def _arm(self, delay: float, callback: object) -> None:
+        self._disarm()
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(delay, callback)  # type: ignore[arg-type]
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _on_header_timeout(self) -> None:
+        self._timer = None
+        if self.current is not None and self.current.header_bytes:
+            self._reject(408)
+        elif self.transport is not None:
+            self.transport.close()
+
+    def _on_idle_timeout(self) -> None:
+        self._timer = None
+        if not self.queue and self.transport is not None:
+            self.transport.close()
+
+    def _pause(self, reason: int) -> None:
+        if not self._paused and self.transport is not None:
+            self.transport.pause_reading()
+        self._paused |= reason
+
+    def _resume(self, reason: int) -> None:
+        if not self._paused & reason:
+            return
+        self._paused &= ~reason
+        if not self._paused and self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+
+    def pause_for_upstream(self) -> None:
+        self._pause(_PAUSE_UPSTREAM)
+
+    def resume_for_upstream(self) -> None:
+        self._resume(_PAUSE_UPSTREAM)
+
+    def write(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(data)
+
+    # --- httptools callbacks ---------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        req = Request()
+        req.header_bytes = 1
+        self.current = req
+        if not self.queue:
+            self._arm(self.ctx.settings.server.header_timeout, self._on_header_timeout)
+
+    def on_url(self, url: bytes) -> None:
+        req = self.current
+        assert req is not None
+        req.target += url
+        req.header_bytes += len(url)
+        if req.header_bytes > self.ctx.settings.server.max_header_bytes:
+            raise _HeadersTooLarge
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        req = self.current
+        assert req is not None
+        req.headers.append((name, value))
+        req.header_bytes += len(name) + len(value) + 4
+        server = self.ctx.settings.server
+        if req.header_bytes > server.max_header_bytes or len(req.headers) > server.max_headers:
+            raise _HeadersTooLarge
+
+    def on_headers_complete(self) -> None:
+        req = self.current
+        assert req is not None
+        parser = self.parser
+        req.method = parser.get_method()
+        req.version = parser.get_http_version()
+        req.keep_alive = parser.should_keep_alive()
+        req.upgrade = parser.should_upgrade()
+        req.started = time.perf_counter()
+        self.queue.append(req)
+        if len(self.queue) == 1:
+            self._disarm()
+            self._start(req)
+
+    def on_body(self, body: bytes) -> None:
+        req = self.current
+        assert req is not None
+        req.body_size += len(body)
+        if req.discard:
+            return
+        if req.chunked and req.body_size > self.ctx.settings.server.max_body_bytes:
+            self._body_too_large(req)
+            return
+        ex = req.exchange
+        if ex is not None and ex.conn is not None:
+            ex.send_body(body)
+            if len(req.chunks) < 64 and req.body_size <= REPLAY_LIMIT:
+                req.chunks.append(body)
+        else:
+            req.chunks.append(body)
+            if req.body_size > BUFFER_LIMIT:
+                self._pause(_PAUSE_BUFFER)
+
+    def on_message_complete(self) -> None:
+        req = self.current
+        assert req is not None
+        self.current = None
+        req.complete = True
+        if req.exchange is not None and req.exchange.conn is not None and not req.discard:
+            req.exchange.send_body_end()
+        if self.queue and self.queue[0] is not req:
+            # Pipelined behind a response still in progress: read no further for now.
+            self._pause(_PAUSE_PIPELINE)
+        elif self.queue and req.discard and req.exchange is None:
+            self._finish_local(req)
+
+    # --- request dispatch ------------------------------------------------------------------
+
+    def _start(self, req: Request) -> None:
+        """Route one request whose headers are complete: answer it here or forward it."""
+        if self.transport is None or self.transport.is_closing():
+            return  # already answered and closing: the rest of the read buffer is ignored
+        ctx = self.ctx
+        headers = req.headers
+        host: bytes | None = None
+        for name, value in headers:
+            low = name.lower()
+            if low == b"host":
+                if host is not None:
+                    return self._respond(req, 400, "two Host headers")
+                host = value
+            elif low == b"content-length":
+                try:
+                    req.content_length = int(value)
+                except ValueError:
+                    return self._respond(req, 400, "bad Content-Length")
+            elif low == b"transfer-encoding":
+                req.chunked = True
+        target = req.target
+        if target.startswith(b"/"):
+            path = target.split(b"?", 1)[0]
+        elif target[:8].lower() in (b"https://", b"http://") or target[:7].lower() == b"http://":
+            # absolute-form (RFC 9112 section 3.2.2): the authority replaces Host.
+            try:
+                url = httptools.parse_url(target)
+            except httptools.HttpParserInvalidURLError:
+                return self._respond(req, 400, "invalid request target")
+            host = url.host or b""
+            path = url.path or b"/"
+            req.target = path + (b"?" + url.query if url.query else b"")
+        else:
+            return self._respond(req, 400, "invalid request target")
+        if host is None:
+            if req.version != "1.0":
+                return self._respond(req, 400, "missing Host header")
+            host = self.sni.encode()
+        if _host_name(host) != self.sni:
+            return self._respond(req, 421, "this connection serves another host")
+        if not is_safe_path(path):
+            return self._respond(req, 400, "dot segments are not allowed in the path")
+        req.path = path
+        target_route = ctx.routes.match(path)
+        if target_route is None:
+            return self._respond(req, 404, "no such route")
+        req.route = target_route.prefix
+        limit = ctx.settings.server.max_body_bytes
+        if req.content_length is not None and req.content_length > limit:
+            return self._respond(req, 413, f"request body over {limit} bytes")
+        if ctx.draining:
+            return self._respond(req, 503, "the edge is shutting down")
+        if req.upgrade and not target_route.long_lived:
+            req.keep_alive = False  # the parser is in upgrade mode: no next request here
+        ex = Exchange(self, req, target_route)
+        req.exchange = ex
+        create_task(ex.run(), name="edgeproxy.exchange", keep_ref=True)
+
+    def _body_too_large(self, req: Request) -> None:
+        ex = req.exchange
+        if ex is not None:
+            ex.fail(413, "request body over the limit", kind=None)
+        else:
+            self._respond(req, 413, "request body over the limit")
+
+    def _respond(self, req: Request, status: int, message: str) -> None:
+        """Answer a request at the edge: nothing of it is forwarded."""
+        req.discard = True
+        req.chunks = []
+        body = b'{"error":"%s","message":"%s"}\n' % (
+            _ERROR_CODES.get(status, "error").encode(),
+            message.encode(),
+        )
+        # Close unless the request is complete: its unread body would be read as a request.
+        close = bool(not req.complete and (req.content_length or req.chunked))
+        if status in (400, 408, 413, 431) or not req.keep_alive or self.ctx.draining:
+            close = True
+        if req.upgrade or req.version == "1.0":
+            close = True
+        req.status = status
+        self.write_head(
+            status,
+            _REASONS.get(status, b"Error"),
+            [
+                (b"Content-Type", b"application/json"),
+                (b"Content-Length", b"%d" % len(body)),
+                (b"Cache-Control", b"no-store"),
+            ],
+            close=close,
+        )
+        self.write(body)
+        if close:
+            req.keep_alive = False
+        if req.complete or close:
+            self._finish_local(req)
+
+    def _finish_local(self, req: Request) -> None:
+        self.finish(req, req.status, keep_alive=req.keep_alive, upstream=None, bytes_out=0)
+
+    def write_head(self, status: int, reason: bytes, headers: list[Header], *, close: bool) -> None:
+        parts = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
+        parts.extend(b"%s: %s\r\n" % h for h in headers)
+        if close:
+            parts.append(b"Connection: close\r\n")
+        parts.append(b"\r\n")
+        self.write(b"".join(parts))
+
+    def _reject(self, status: int) -> None:
+        """A request that can't even be parsed: answer and close the connection."""
+        if self.closed or self.transport is None:
+            return
+        # The parser is in an error state: nothing more is read from this connection.
+        self._pause(_PAUSE_PIPELINE)
+        req, self.current = self.current, None
+        message = _ERROR_CODES[status].replace("_", " ")
+        if self.queue:
+            head = self.queue[0]
+            if head is req and head.exchange is not None and not head.exchange.finished:
+                head.exchange.fail(status, message, kind=None)
+            else:
+                for queued in self.queue:
+                    queued.keep_alive = False  # close once the response in flight is done
+            return
+        req = req or Request()
+        req.keep_alive = False
+        req.started = req.started or time.perf_counter()
+        self.queue.append(req)
+        self._respond(req, status, message)
+
+    def finish(
+        self, req: Request, status: int, *, keep_alive: bool, upstream: str | None, bytes_out: int
+    ) -> None:
+        """The end of one request: metrics, access log, then the next request or close."""
+        ctx = self.ctx
+        elapsed = time.perf_counter() - req.started if req.started else 0.0
+        ctx.observe(req.route, status, elapsed)
+        if not access_log.disabled:
+            access_log.info(
+                "access",
+                {
+                    "ts": round(time.time(), 6),
+                    "pid": ctx.pid,
+                    "client": self.peer,
+                    "sni": self.sni,
+                    "method": req.method.decode("latin-1"),
+                    # The query string carries beacon payloads: never logged.
+                    "path": (req.path or req.target.split(b"?", 1)[0])[:256].decode("latin-1"),
+                    "route": req.route,
+                    "status": status,
+                    "bytes_in": req.body_size,
+                    "bytes_out": bytes_out,
+                    "duration_ms": round(elapsed * 1000, 3),
+                    "upstream": upstream,
+                },
+            )
+        if self.queue and self.queue[0] is req:
+            self.queue.popleft()
+        transport = self.transport
+        if transport is None or self.closed:
+            return
+        if not keep_alive or not req.complete or ctx.draining or self.eof:
+            transport.close()
+            return
+        if self.queue:
+            self._start(self.queue[0])
+        self._resume(_PAUSE_PIPELINE)
+        if not self.queue and self.current is None:
+            self._arm(ctx.settings.server.keepalive_timeout, self._on_idle_timeout)
+
+    def drain(self) -> None:
+        """Shutting down: close now if idle, else after the response in flight."""
+        if not self.queue and self.current is None and self.transport is not None:
+            self.transport.close()
+
+    def start_tunnel(self, conn: UpstreamConnection) -> None:
+        self.tunnel = conn
+        self._disarm()
+        early, self.tunnel_early = self.tunnel_early, b""
+        if early:
+            conn.write(early)
+        self._paused = 0
+        if self.transport is not None:
+            self.transport.resume_reading()
+
+
+def _host_name(host: bytes) -> str:
+    """The host of a Host header, lower-cased, without port or trailing dot."""
+    h = host.strip().lower()
+    if h.startswith(b"["):
+        h = h[1 : h.find(b"]")] if b"]" in h else h
+    elif b":" in h:
+        h = h.rsplit(b":", 1)[0]
+    return h.rstrip(b".").decode("latin-1")
+
+
+class Exchange:
+    """One forwarded request: picks the upstream, writes the request, relays the response."""
+
+    __slots__ = (
+        "client",
+        "req",
+        "target",
+        "pool",
+        "conn",
+        "finished",
+        "head_sent",
+        "chunked_out",
+        "close_after",
+        "status",
+        "bytes_out",
+        "timer",
+        "upstream_started",
+        "last_activity",
+        "reused",
+        "retried",
+    )
+
+    def __init__(self, client: ClientConnection, req: Request, target: RouteTarget) -> None:
+        self.client = client
+        self.req = req
+        self.target = target
+        self.pool: UpstreamPool | None = None
+        self.conn: UpstreamConnection | None = None
+        self.finished = False
+        self.head_sent = False
+        self.chunked_out = False
+        self.close_after = False
+        self.status = 0
+        self.bytes_out = 0
+        self.timer: asyncio.TimerHandle | None = None
+        self.upstream_started = 0.0
+        self.last_activity = 0.0
+        self.reused = False
+        self.retried = False
+
+    # --- setting up ------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        ctx = self.client.ctx
+        proxy = ctx.settings.proxy
+        loop = asyncio.get_running_loop()
+        self.upstream_started = time.perf_counter()
+        timeout = (
+            proxy.long_lived_idle_timeout if self.target.long_lived else proxy.response_timeout
+        )
+        self.last_activity = loop.time()
+        self.timer = loop.call_later(timeout, self._on_timeout)
+        pool, alternative = self.target.pick()
+        conn = pool.take_idle()
+        self.reused = conn is not None
+        if conn is None:
+            try:
+                conn = await pool.connect()
+            except UpstreamError as exc:
+                ctx.upstream_error(self.target.prefix, "connect")
+                proxy_log.warning(
+                    "%s", exc.message, extra={"route": self.target.prefix, "upstream": pool.url}
+                )
+                if alternative is None or self.finished:
+                    return self.fail(exc.status_hint, exc.message, kind=None)
+                pool = alternative
+                try:
+                    conn = await pool.connect()
+                except UpstreamError as exc2:
+                    ctx.upstream_error(self.target.prefix, "connect")
+                    proxy_log.warning(
+                        "%s",
+                        exc2.message,
+                        extra={"route": self.target.prefix, "upstream": pool.url},
+                    )
+                    return self.fail(exc2.status_hint, exc2.message, kind=None)
+        if self.finished:
+            pool.release(conn)  # the client went away (or timed out) while we connected
+            return
+        self._send(pool, conn)
+
+    def _send(self, pool: UpstreamPool, conn: UpstreamConnection) -> None:
+        req = self.req
+        self.pool, self.conn = pool, conn
+        conn.start(self, head_only=req.method == b"HEAD")
+        conn.write(self._request_head(pool))
+        if req.chunks:
+            for chunk in req.chunks:
+                self.send_body(chunk)
+            if req.body_size > REPLAY_LIMIT:
+                req.chunks = []
+            self.client._resume(_PAUSE_BUFFER)
+        if req.complete:
+            self.send_body_end()
+        elif _expects_continue(req):
+            self.client.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def _request_head(self, pool: UpstreamPool) -> bytes:
+        req = self.req
+        client = self.client
+        ctx = client.ctx
+        drop = FORWARDING | {b"expect"} if _expects_continue(req) else FORWARDING
+        headers = end_to_end(req.headers, drop)
+        if not any(n.lower() == b"host" for n, _ in headers):
+            headers.append((b"Host", client.sni.encode()))
+        headers += forwarding_headers(
+            req.headers, client.peer, client.sni.encode(), ctx.settings.server.trusted_proxies
+        )
+        if req.chunked:
+            headers.append((b"Transfer-Encoding", b"chunked"))
+        if req.upgrade and self.target.long_lived:
+            upgrade = next((v for n, v in req.headers if n.lower() == b"upgrade"), b"")
+            headers += [(b"Connection", b"Upgrade"), (b"Upgrade", upgrade)]
+        parts = [b"%s %s%s HTTP/1.1\r\n" % (req.method, pool.base_path, req.target)]
+        parts.extend(b"%s: %s\r\n" % h for h in headers)
+        parts.append(b"\r\n")
+        return b"".join(parts)
+
+    def send_body(self, data: bytes) -> None:
+        conn = self.conn
+        if conn is None or self.finished:
+            return
+        if self.req.chunked:
+            conn.write(b"%x\r\n%s\r\n" % (len(data), data))
+        else:
+            conn.write(data)
+
+    def send_body_end(self) -> None:
+        if self.req.chunked and self.conn is not None and not self.finished:
+            self.conn.write(b"0\r\n\r\n")
+
+    # --- upstream callbacks (Sink) ---------------------------------------------------------
+
+    def on_upstream_head(
+        self, status: int, reason: bytes, headers: list[Header], framed: bool, keep_alive: bool
+    ) -> None:
+        if self.finished:
+            return
+        req = self.req
+        client = self.client
+        self.head_sent = True
+        self.status = status
+        out = end_to_end(headers)
+        close = not req.keep_alive or client.ctx.draining or req.version == "1.0"
+        if status == 101:
+            upgrade = next((v for n, v in headers if n.lower() == b"upgrade"), b"websocket")
+            out += [(b"Connection", b"Upgrade"), (b"Upgrade", upgrade)]
+            close = False
+        elif not (
+            status in (204, 304)
+            or req.method == b"HEAD"
+            or any(n.lower() == b"content-length" for n, _ in out)
+        ):
+            # Chunked or close-delimited upstream body: re-frame for this client.
+            if req.version == "1.1":
+                self.chunked_out = True
+                out.append((b"Transfer-Encoding", b"chunked"))
+            else:
+                close = True
+        if req.upgrade and status != 101:
+            close = True  # the client's parser is past an upgrade request
+        self.close_after = close
+        client.write_head(status, reason or _phrase(status), out, close=close)
+
+    def on_upstream_body(self, data: bytes) -> None:
+        if self.finished:
+            return
+        self.bytes_out += len(data)
+        if self.target.long_lived:
+            self.touch()
+        if self.chunked_out:
+            self.client.write(b"%x\r\n%s\r\n" % (len(data), data))
+        else:
+            self.client.write(data)
+
+    def on_upstream_complete(self) -> None:
+        if self.finished:
+            return
+        if self.chunked_out:
+            self.client.write(b"0\r\n\r\n")
+        self._done(self.status, keep_alive=not self.close_after)
+
+    def on_upstream_upgraded(self, rest: bytes) -> None:
+        if self.finished:
+            return
+        if rest:
+            self.on_upstream_body(rest)
+        assert self.conn is not None
+        self.client.start_tunnel(self.conn)
+
+    def on_upstream_lost(self, exc: BaseException | None) -> None:
+        if self.finished:
+            return
+        if self.conn is not None and self.conn.tunnel:
+            self._done(101, keep_alive=False)  # a tunnel ends when either side closes
+            return
+        req = self.req
+        if (
+            not self.head_sent
+            and self.reused
+            and not self.retried
+            and req.complete
+            and req.body_size <= REPLAY_LIMIT
+            and self.pool is not None
+        ):
+            # A pooled connection the upstream had closed: try once on a fresh one.
+            self.retried = True
+            self.conn = None
+            create_task(self._retry(self.pool), name="edgeproxy.retry")
+            return
+        self.client.ctx.upstream_error(self.target.prefix, "broken")
+        self.fail(502, f"upstream closed the connection: {exc or 'EOF'}", kind=None)
+
+    async def _retry(self, pool: UpstreamPool) -> None:
+        try:
+            conn = await pool.connect()
+        except UpstreamError as exc:
+            self.client.ctx.upstream_error(self.target.prefix, "connect")
+            return self.fail(exc.status_hint, exc.message, kind=None)
+        if self.finished:
+            pool.release(conn)
+            return
+        self._send(pool, conn)
+
+    def pause_client(self) -> None:
+        self.client.pause_for_upstream()
+
+    def resume_client(self) -> None:
+        self.client.resume_for_upstream()
+
+    # --- ending ----------------------------------------------------------------------------
+
+    def touch(self) -> None:
+        self.last_activity = asyncio.get_running_loop().time()
+
+    def _on_timeout(self) -> None:
+        self.timer = None
+        if self.finished:
+            return
+        if self.target.long_lived:
+            loop = asyncio.get_running_loop()
+            idle_limit = self.client.ctx.settings.proxy.long_lived_idle_timeout
+            remaining = self.last_activity + idle_limit - loop.time()
+            if remaining > 0.05:
+                self.timer = loop.call_later(remaining, self._on_timeout)
+                return
+        self.client.ctx.upstream_error(self.target.prefix, "timeout")
+        if not self.req.complete and self.conn is not None:
+            self.fail(408, "the request body did not arrive in time", kind=None)
+        else:
+            err = UpstreamTimeout("upstream did not answer in time")
+            self.fail(err.status_hint, err.message, kind=None)
+
+    def fail(self, status: int, message: str, *, kind: str | None) -> None:
+        """End the exchange with an edge error, or cut the client if the head already went."""
+        if self.finished:
+            return
+        if self.head_sent:
+            self._done(self.status, keep_alive=False, abort=True)
+            return
+        self._release(abort=True)
+        self.finished = True
+        self._cancel_timer()
+        self.req.exchange = None
+        self.client._respond(self.req, status, message)
+
+    def on_client_lost(self) -> None:
+        if not self.finished:
+            self._done(499, keep_alive=False, abort=True)
+
+    def _cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _release(self, abort: bool) -> None:
+        conn, self.conn = self.conn, None
+        if conn is None:
+            return
+        if abort:
+            conn.abort()
+        elif self.pool is not None:
+            self.pool.release(conn)
+
+    def _done(self, status: int, *, keep_alive: bool, abort: bool = False) -> None:
+        self.finished = True
+        self._cancel_timer()
+        ctx = self.client.ctx
+        ctx.observe_upstream(self.target.prefix, time.perf_counter() - self.upstream_started)
+        upstream = self.pool.url if self.pool is not None else None
+        self._release(abort=abort or not self.req.complete)
+        if abort and self.client.transport is not None:
+            self.client.transport.abort()
+        self.client.finish(
+            self.req,
+            status,
+            keep_alive=keep_alive and not abort,
+            upstream=upstream,
+            bytes_out=self.bytes_out,
+        )
+
+
+def _phrase(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b"Unknown"
+
+
+def _expects_continue(req: Request) -> bool:
+    return any(
+        n.lower() == b"expect" and v.strip().lower() == b"100-continue" for n, v in req.headers
+    )

@@ -1,0 +1,153 @@
+"""One worker process: serve the edge's listeners until told to stop, then drain.
+
+Shutdown (SIGTERM or SIGINT), in order:
+1. stop accepting on every listener;
+2. mark the worker draining: idle connections close now, busy ones after their response
+   (with `Connection: close`);
+3. wait for in-flight requests up to `server.drain_timeout`;
+4. abort whatever is still open, close the upstream pools, exit 0.
+SIGHUP rescans the certificates folder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import ssl
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from edgeproxy.config import Settings
+from edgeproxy.logging import server_log
+from edgeproxy.metrics import Metrics
+from edgeproxy.proxy.forward import ClientConnection, ProxyContext
+from edgeproxy.proxy.routes import RouteTable
+from edgeproxy.proxy.upstream import UpstreamPool
+from edgeproxy.tls.sni import HandshakeTally, install_sni_callback
+from edgeproxy.tls.store import CertStore
+
+
+class Worker:
+    """The runtime state of one worker; built inside the worker process after fork."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        base_ctx: ssl.SSLContext,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        self.settings = settings
+        self.base_ctx = base_ctx
+        self.metrics = Metrics(registry or CollectorRegistry(), [r.prefix for r in settings.routes])
+        self.store = CertStore(settings.certs.dir, settings.certs.cache_size)
+        handshakes = {
+            r: self.metrics.tls_handshakes.labels(r)
+            for r in ("ok", "unknown_sni", "no_sni", "error")
+        }
+        self.tally = HandshakeTally(lambda result: handshakes[result].inc())
+        pools = {
+            url: UpstreamPool(url, settings.proxy)
+            for route in settings.routes
+            for url in route.upstreams
+        }
+        self.ctx = ProxyContext(
+            settings, self.metrics, RouteTable(settings.routes, pools), pools, self.tally
+        )
+        self.servers: list[asyncio.Server] = []
+        self.stopping = asyncio.Event()
+
+    def rescan(self) -> None:
+        self.store.scan()
+        self.metrics.certificates_loaded.set(len(self.store))
+
+    async def start(self, sockets: list[socket.socket]) -> None:
+        loop = asyncio.get_running_loop()
+        self.rescan()
+        install_sni_callback(self.base_ctx, self.store.context_for, self.tally)
+        for sock in sockets:
+            server = await loop.create_server(
+                lambda: ClientConnection(self.ctx),
+                sock=sock,
+                ssl=self.base_ctx,
+                ssl_handshake_timeout=self.settings.server.handshake_timeout,
+                backlog=self.settings.server.backlog,
+            )
+            self.servers.append(server)
+        self.metrics.workers_ready.set(1)
+        server_log.info(
+            "worker ready",
+            extra={
+                "pid": os.getpid(),
+                "domains": len(self.store),
+                "listen": [_sockname(s) for s in sockets],
+            },
+        )
+
+    async def drain(self) -> None:
+        ctx = self.ctx
+        self.metrics.workers_ready.set(0)
+        # 1. stop accepting
+        for server in self.servers:
+            server.close()
+        # 2. draining: idle connections go now, busy ones after their response
+        ctx.draining = True
+        for conn in list(ctx.connections):
+            conn.drain()
+        # 3. wait for in-flight requests, up to the deadline
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.server.drain_timeout
+        while ctx.connections and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        # 4. abort the rest and close the pools
+        left = len(ctx.connections)
+        for conn in list(ctx.connections):
+            if conn.transport is not None:
+                conn.transport.abort()
+        for pool in ctx.pools.values():
+            pool.close()
+        server_log.info("worker stopped", extra={"pid": os.getpid(), "aborted": left})
+
+    async def serve(self, sockets: list[socket.socket], parent_pid: int | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stopping.set)
+        loop.add_signal_handler(signal.SIGHUP, self.rescan)
+        await self.start(sockets)
+        if parent_pid is not None:
+            _watch_parent(loop, parent_pid, self.stopping)
+        await self.stopping.wait()
+        await self.drain()
+
+
+def _watch_parent(loop: asyncio.AbstractEventLoop, parent_pid: int, stop: asyncio.Event) -> None:
+    # An orphaned worker (supervisor killed with SIGKILL) stops instead of serving forever.
+    def check() -> None:
+        if os.getppid() != parent_pid:
+            server_log.warning("supervisor is gone; stopping")
+            stop.set()
+        else:
+            loop.call_later(1.0, check)
+
+    loop.call_later(1.0, check)
+
+
+def _sockname(sock: socket.socket) -> str:
+    name: Any = sock.getsockname()
+    return f"[{name[0]}]:{name[1]}" if ":" in name[0] else f"{name[0]}:{name[1]}"
+
+
+def run_worker(
+    settings: Settings, sockets: list[socket.socket], base_ctx: ssl.SSLContext, parent_pid: int
+) -> int:
+    """Entry point of a forked worker process; returns its exit code."""
+    import uvloop
+
+    async def main() -> None:
+        await Worker(settings, base_ctx).serve(sockets, parent_pid)
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main())
+    return 0

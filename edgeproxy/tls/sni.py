@@ -1,0 +1,100 @@
+"""TLS policy and the SNI callback: each handshake gets the registered domain's context.
+
+Rules:
+- An unknown SNI name, or none, gets the handshake refused with an alert: there is no
+  default certificate, so a scanner never sees any customer's certificate.
+- The callback only looks a name up in the store and assigns a context; it does no disk I/O
+  except building a context on a domain's first handshake after it fell out of the cache.
+- The base context is made once in the supervisor before the workers fork, so its TLS 1.3
+  session-ticket keys are shared and a resumed session is accepted by any worker. OpenSSL
+  takes ticket keys from the context the connection started on, not the one SNI switched to.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Callable
+
+from edgeproxy.logging import tls_log
+
+# Mozilla "intermediate" TLS 1.2 suites (ECDHE only: no DH parameters to manage). TLS 1.3
+# suites are OpenSSL's defaults, which are the same list.
+INTERMEDIATE_CIPHERS = ":".join(
+    [
+        "ECDHE-ECDSA-AES128-GCM-SHA256",
+        "ECDHE-RSA-AES128-GCM-SHA256",
+        "ECDHE-ECDSA-AES256-GCM-SHA384",
+        "ECDHE-RSA-AES256-GCM-SHA384",
+        "ECDHE-ECDSA-CHACHA20-POLY1305",
+        "ECDHE-RSA-CHACHA20-POLY1305",
+    ]
+)
+
+
+def apply_tls_policy(ctx: ssl.SSLContext) -> ssl.SSLContext:
+    """TLS 1.2 minimum, intermediate ciphers, ALPN http/1.1, no compression/renegotiation."""
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers(INTERMEDIATE_CIPHERS)
+    ctx.set_alpn_protocols(["http/1.1"])
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION | ssl.OP_SINGLE_ECDH_USE
+    return ctx
+
+
+def new_server_context() -> ssl.SSLContext:
+    return apply_tls_policy(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
+
+
+class HandshakeTally:
+    """Counts handshake results; `error` is derived because asyncio doesn't report failures.
+
+    The protocol object for a connection is created at accept, before the handshake, and
+    sees `connection_made` only after a successful one. So every protocol that dies without
+    it is a failed handshake: one the SNI callback refused (already counted) or an error or
+    timeout. `refused` leaves a claim that the next such failure consumes.
+    """
+
+    def __init__(self, count: Callable[[str], None]) -> None:
+        self._count = count
+        self._unclaimed_refusals = 0
+
+    def ok(self) -> None:
+        self._count("ok")
+
+    def refused(self, result: str) -> None:
+        self._unclaimed_refusals += 1
+        self._count(result)
+
+    def failed(self) -> None:
+        if self._unclaimed_refusals:
+            self._unclaimed_refusals -= 1
+        else:
+            self._count("error")
+
+
+SNI_ATTR = "edge_sni"
+"""Attribute the callback sets on the SSLObject: the server side can't read SNI otherwise."""
+
+
+def install_sni_callback(
+    base: ssl.SSLContext,
+    lookup: Callable[[str], ssl.SSLContext | None],
+    tally: HandshakeTally,
+) -> None:
+    """Make `base` pick each connection's context by SNI via `lookup(name)`."""
+
+    def on_sni(sslobj: ssl.SSLObject, server_name: str | None, _: ssl.SSLContext) -> int | None:
+        if not server_name:
+            tally.refused("no_sni")
+            return ssl.ALERT_DESCRIPTION_HANDSHAKE_FAILURE
+        name = server_name.lower().rstrip(".")
+        ctx = lookup(name)
+        if ctx is None:
+            tally.refused("unknown_sni")
+            if tls_log.isEnabledFor(10):
+                tls_log.debug("handshake refused: unknown SNI", extra={"sni": name[:253]})
+            return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
+        sslobj.context = ctx
+        setattr(sslobj, SNI_ATTR, name)
+        return None
+
+    base.sni_callback = on_sni
