@@ -169,7 +169,9 @@ class ClientConnection(asyncio.Protocol):
     def __init__(self, ctx: ProxyContext) -> None:
         self.ctx = ctx
         self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpRequestParser(self)
+        # Made after the handshake: the parser refers back to us, and that cycle would delay
+        # __del__ (which counts failed handshakes) until a garbage collection.
+        self.parser: httptools.HttpRequestParser | None = None
         self.sni = ""
         self.peer = ""
         self.current: Request | None = None
@@ -189,6 +191,7 @@ class ClientConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports don't subclass asyncio.Transport, but have its methods.
         self.transport = cast(asyncio.Transport, transport)
+        self.parser = httptools.HttpRequestParser(self)
         self.handshaken = True
         ctx = self.ctx
         ctx.tally.ok()
@@ -208,6 +211,7 @@ class ClientConnection(asyncio.Protocol):
         if self.closed:
             return
         self.closed = True
+        self.parser = None  # break the parser <-> protocol cycle
         self._disarm()
         self.ctx.connections.discard(self)
         self.ctx.metrics.connections_active.dec()
@@ -230,7 +234,7 @@ class ClientConnection(asyncio.Protocol):
                 self.queue[0].exchange.touch()
             return
         try:
-            self.parser.feed_data(data)
+            self.parser.feed_data(data)  # type: ignore[union-attr]
         except httptools.HttpParserUpgrade as exc:
             self.tunnel_early += data[exc.args[0] :]
             self._pause(_PAUSE_PIPELINE)
@@ -338,7 +342,7 @@ class ClientConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         req = self.current
-        assert req is not None
+        assert req is not None and self.parser is not None
         parser = self.parser
         req.method = parser.get_method()
         req.version = parser.get_http_version()

@@ -1,0 +1,122 @@
+"""TLS by SNI against a running edge: the right certificate per host, nothing for others."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import socket
+import ssl
+import subprocess
+import time
+
+import pytest
+from cryptography import x509
+
+from tests.conftest import DOMAINS
+from tests.support.client import Conn
+from tests.support.edge import Edge
+
+
+def _fingerprint_on_disk(certs_dir, domain: str) -> str:
+    pem = (certs_dir / domain / "fullchain.pem").read_bytes()
+    leaf = x509.load_pem_x509_certificate(pem)
+    return hashlib.sha256(leaf.public_bytes(ssl_der())).hexdigest()
+
+
+def ssl_der():
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    return Encoding.DER
+
+
+@pytest.mark.parametrize("domain", DOMAINS)
+async def test_each_sni_gets_its_own_certificate(edge: Edge, client_ctx, certs_dir, domain):
+    """The served leaf is the one on disk for that SNI name (IDN included)."""
+    conn = await Conn.open(edge.port, domain, client_ctx)
+    try:
+        served = hashlib.sha256(conn.peer_cert()).hexdigest()
+    finally:
+        await conn.close()
+    assert served == _fingerprint_on_disk(certs_dir, domain)
+
+
+async def test_unknown_sni_is_refused(edge: Edge, client_ctx):
+    """An unregistered name gets an alert, not somebody else's certificate."""
+    before = edge.sample("edgeproxy_tls_handshakes_total", result="unknown_sni")
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE  # accept anything: proves no certificate is sent at all
+    # uvloop closes the socket without flushing the alert, so the client sees EOF or reset.
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        await Conn.open(edge.port, "t.unknown.test", ctx)
+    assert edge.sample("edgeproxy_tls_handshakes_total", result="unknown_sni") == before + 1
+
+
+async def test_missing_sni_is_refused(edge: Edge):
+    """A client that sends no SNI (a scanner on the bare IP) gets no certificate."""
+    before = edge.sample("edgeproxy_tls_handshakes_total", result="no_sni")
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        await asyncio.open_connection(
+            "127.0.0.1", edge.port, ssl=ctx, server_hostname=None
+        )
+    assert edge.sample("edgeproxy_tls_handshakes_total", result="no_sni") == before + 1
+
+
+def _s_client(port: int, *args: str) -> str:
+    proc = subprocess.run(
+        ["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-servername", DOMAINS[0],
+         "-cipher", "DEFAULT@SECLEVEL=0", *args],
+        input=b"", capture_output=True, timeout=10,
+    )
+    return (proc.stdout + proc.stderr).decode(errors="replace")
+
+
+def test_tls_1_1_is_refused(edge: Edge):
+    """TLS 1.2 is the minimum: openssl offering only TLS 1.1 gets no certificate."""
+    assert "Protocol  : TLSv1.2" in _s_client(edge.port, "-tls1_2")  # the tool works
+    assert "no peer certificate available" in _s_client(edge.port, "-tls1_1")
+
+
+async def test_tls12_and_alpn_http11(edge: Edge, ca):
+    """A TLS 1.2-only client works, and ALPN settles on http/1.1."""
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_alpn_protocols(["h2", "http/1.1"])
+    conn = await Conn.open(edge.port, DOMAINS[0], ctx)
+    try:
+        obj = conn.writer.get_extra_info("ssl_object")
+        assert (obj.version(), obj.selected_alpn_protocol()) == ("TLSv1.2", "http/1.1")
+    finally:
+        await conn.close()
+
+
+def test_stalled_handshake_is_cut(edge: Edge):
+    """A client that connects and never says hello is closed after handshake_timeout (2 s)."""
+    with socket.create_connection(("127.0.0.1", edge.port)) as s:
+        s.settimeout(10)
+        start = time.monotonic()
+        assert s.recv(1) == b""
+        assert time.monotonic() - start < 5
+
+
+def test_garbage_handshake_counts_as_error(edge: Edge):
+    """Bytes that are not TLS fail the handshake and are counted as result=error."""
+    before = edge.sample("edgeproxy_tls_handshakes_total", result="error")
+    with socket.create_connection(("127.0.0.1", edge.port)) as s:
+        s.settimeout(5)
+        s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        try:
+            while s.recv(1024):
+                pass
+        except ConnectionError:
+            pass
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        if edge.sample("edgeproxy_tls_handshakes_total", result="error") >= before + 1:
+            break
+        time.sleep(0.05)
+    assert edge.sample("edgeproxy_tls_handshakes_total", result="error") == before + 1
