@@ -34,4 +34,5 @@ def edge(tmp_path_factory: pytest.TempPathFactory, certs_dir: Path, upstream: Ra
     e = Edge(tmp_path_factory.mktemp("edge"), base_config(certs_dir, upstream, chat_upstream))
     e.start()
     yield e
-    e.stop()
+    assert e.stop() == 0
+    assert "Traceback" not in e.stderr(), e.stderr()
