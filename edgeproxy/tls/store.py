@@ -28,8 +28,11 @@ from edgeproxy.tls.sni import new_server_context
 FULLCHAIN = "fullchain.pem"
 PRIVKEY = "privkey.pem"
 
-# A registered domain is a lower-case host name of A-labels with at least one dot.
-_DOMAIN_RE = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z0-9-]{2,63}$")
+# A registered domain: lower-case A-labels, at least one dot, an alphabetic (or IDN) TLD, so
+# no IP address, no wildcard, nothing that could climb out of the certificates folder.
+_DOMAIN_RE = re.compile(
+    r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+(xn--[a-z0-9-]{1,59}|[a-z]{2,63})$"
+)
 
 
 def is_domain_name(name: str) -> bool:

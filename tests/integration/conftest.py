@@ -11,8 +11,13 @@ from tests.support.upstream import AiohttpUpstream, RawUpstream
 
 def base_config(certs_dir: Path, upstream: RawUpstream, chat: AiohttpUpstream) -> dict:
     return {
-        "server": {"workers": 1, "handshake_timeout": 2.0, "header_timeout": 2.0,
-                   "max_body_bytes": 65536, "drain_timeout": 10.0},
+        "server": {
+            "workers": 1,
+            "handshake_timeout": 2.0,
+            "header_timeout": 2.0,
+            "max_body_bytes": 65536,
+            "drain_timeout": 10.0,
+        },
         "certs": {"dir": str(certs_dir)},
         "routes": {
             "/track": [upstream.url],
@@ -23,14 +28,17 @@ def base_config(certs_dir: Path, upstream: RawUpstream, chat: AiohttpUpstream) -
             "/collection/retry": [f"http://127.0.0.1:{free_port()}", upstream.url],
             "/general/dead": [f"http://127.0.0.1:{free_port()}"],
         },
-        "proxy": {"response_timeout": 1.5, "connect_timeout": 1.0,
-                  "long_lived_idle_timeout": 40.0},
+        "proxy": {"response_timeout": 1.5, "connect_timeout": 1.0, "long_lived_idle_timeout": 40.0},
     }
 
 
 @pytest.fixture(scope="module")
-def edge(tmp_path_factory: pytest.TempPathFactory, certs_dir: Path, upstream: RawUpstream,
-         chat_upstream: AiohttpUpstream) -> Iterator[Edge]:
+def edge(
+    tmp_path_factory: pytest.TempPathFactory,
+    certs_dir: Path,
+    upstream: RawUpstream,
+    chat_upstream: AiohttpUpstream,
+) -> Iterator[Edge]:
     e = Edge(tmp_path_factory.mktemp("edge"), base_config(certs_dir, upstream, chat_upstream))
     e.start()
     yield e

@@ -10,7 +10,6 @@ import pytest
 
 from tests.conftest import DOMAINS
 from tests.support.client import Conn, build, request
-from tests.support.edge import Edge
 from tests.support.upstream import RawUpstream
 
 HOST = DOMAINS[0]
@@ -29,17 +28,35 @@ async def test_body_query_and_headers_arrive_byte_exact(edge, upstream, client_c
     """A gzip body stays gzip, the raw query is untouched, end-to-end headers keep case/order."""
     body = gzip.compress(b'{"event":"view","n":' + b"1" * 5000 + b"}")
     target = "/track/v1?a=%20b&b=%2F%2e&c=1;2&d=&d=x&e=%E3%81%82"
-    resp, seen = await _forwarded(edge, upstream, client_ctx, "POST", target, body=body, headers=[
-        ("Content-Type", "application/json"), ("Content-Encoding", "gzip"),
-        ("X-Custom-CASE", "One"), ("x-dup", "1"), ("X-Dup", "2"), ("User-Agent", "test/1"),
-    ])
+    resp, seen = await _forwarded(
+        edge,
+        upstream,
+        client_ctx,
+        "POST",
+        target,
+        body=body,
+        headers=[
+            ("Content-Type", "application/json"),
+            ("Content-Encoding", "gzip"),
+            ("X-Custom-CASE", "One"),
+            ("x-dup", "1"),
+            ("X-Dup", "2"),
+            ("User-Agent", "test/1"),
+        ],
+    )
     assert resp.status == 200
     assert seen.method == b"POST"
     assert seen.target == target.encode()
     assert seen.body == body
     names = [n for n, _ in seen.headers]
-    assert names[:6] == [b"Host", b"Content-Type", b"Content-Encoding", b"X-Custom-CASE",
-                         b"x-dup", b"X-Dup"]
+    assert names[:6] == [
+        b"Host",
+        b"Content-Type",
+        b"Content-Encoding",
+        b"X-Custom-CASE",
+        b"x-dup",
+        b"X-Dup",
+    ]
     assert seen.header(b"x-dup") == [b"1", b"2"]
     assert seen.header(b"content-encoding") == [b"gzip"]
     assert seen.header(b"content-length") == [str(len(body)).encode()]
@@ -47,14 +64,35 @@ async def test_body_query_and_headers_arrive_byte_exact(edge, upstream, client_c
 
 async def test_hop_by_hop_request_headers_are_dropped(edge, upstream, client_ctx):
     """Connection, the headers it names, Keep-Alive, TE, Proxy-* never reach the upstream."""
-    _, seen = await _forwarded(edge, upstream, client_ctx, "GET", "/track", headers=[
-        ("Connection", "keep-alive, X-Secret-Hop"), ("X-Secret-Hop", "1"),
-        ("Keep-Alive", "timeout=5"), ("TE", "trailers"), ("Proxy-Authorization", "Basic x"),
-        ("Proxy-Connection", "keep-alive"), ("Trailer", "X-T"), ("X-Kept", "yes"),
-    ])
+    _, seen = await _forwarded(
+        edge,
+        upstream,
+        client_ctx,
+        "GET",
+        "/track",
+        headers=[
+            ("Connection", "keep-alive, X-Secret-Hop"),
+            ("X-Secret-Hop", "1"),
+            ("Keep-Alive", "timeout=5"),
+            ("TE", "trailers"),
+            ("Proxy-Authorization", "Basic x"),
+            ("Proxy-Connection", "keep-alive"),
+            ("Trailer", "X-T"),
+            ("X-Kept", "yes"),
+        ],
+    )
     names = {n.lower() for n, _ in seen.headers}
-    assert names.isdisjoint({b"connection", b"x-secret-hop", b"keep-alive", b"te",
-                             b"proxy-authorization", b"proxy-connection", b"trailer"})
+    assert names.isdisjoint(
+        {
+            b"connection",
+            b"x-secret-hop",
+            b"keep-alive",
+            b"te",
+            b"proxy-authorization",
+            b"proxy-connection",
+            b"trailer",
+        }
+    )
     assert seen.header(b"x-kept") == [b"yes"]
 
 
@@ -63,8 +101,9 @@ async def test_hop_by_hop_response_headers_are_dropped(edge, client_ctx):
     resp = await request(edge.port, HOST, client_ctx, "GET", "/track/hop")
     names = {n.lower() for n, _ in resp.headers}
     assert resp.status == 200 and resp.body == b"ok"
-    assert names.isdisjoint({b"x-hop-secret", b"keep-alive", b"proxy-connection", b"trailer",
-                             b"connection"})
+    assert names.isdisjoint(
+        {b"x-hop-secret", b"keep-alive", b"proxy-connection", b"trailer", b"connection"}
+    )
     assert resp.header(b"x-end-to-end") == [b"kept"]
 
 
@@ -76,10 +115,20 @@ async def test_set_cookie_headers_stay_separate(edge, client_ctx):
 
 async def test_forwarding_headers_from_untrusted_client(edge, upstream, client_ctx):
     """A spoofed X-Forwarded-For/Forwarded is discarded; upstream sees the real peer."""
-    _, seen = await _forwarded(edge, upstream, client_ctx, "POST", "/collection", body=b"x",
-                               headers=[("X-Forwarded-For", "6.6.6.6"),
-                                        ("Forwarded", "for=6.6.6.6"), ("X-Real-IP", "6.6.6.6"),
-                                        ("X-Forwarded-Proto", "http")])
+    _, seen = await _forwarded(
+        edge,
+        upstream,
+        client_ctx,
+        "POST",
+        "/collection",
+        body=b"x",
+        headers=[
+            ("X-Forwarded-For", "6.6.6.6"),
+            ("Forwarded", "for=6.6.6.6"),
+            ("X-Real-IP", "6.6.6.6"),
+            ("X-Forwarded-Proto", "http"),
+        ],
+    )
     assert seen.header(b"x-forwarded-for") == [b"127.0.0.1"]
     assert seen.header(b"x-forwarded-proto") == [b"https"]
     assert seen.header(b"x-forwarded-host") == [HOST.encode()]
@@ -87,8 +136,10 @@ async def test_forwarding_headers_from_untrusted_client(edge, upstream, client_c
     assert seen.header(b"x-real-ip") == []
 
 
-@pytest.mark.parametrize("path", ["/", "/trackx", "/admin", "/metrics", "/track.json",
-                                  "/Track", "/generalx/y", "/favicon.ico"])
+@pytest.mark.parametrize(
+    "path",
+    ["/", "/trackx", "/admin", "/metrics", "/track.json", "/Track", "/generalx/y", "/favicon.ico"],
+)
 async def test_other_paths_are_404_and_never_forwarded(edge, upstream, client_ctx, path):
     """Only the four routes (and paths under them) leave the edge."""
     n = len(upstream.seen)
@@ -99,8 +150,17 @@ async def test_other_paths_are_404_and_never_forwarded(edge, upstream, client_ct
     assert len(upstream.seen) == n
 
 
-@pytest.mark.parametrize("path", ["/general/../admin", "/track/./x", "/track/%2e%2e/admin",
-                                  "/track/%2E./x", "/track/..%2Fadmin", "/track/a\\..\\b"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/general/../admin",
+        "/track/./x",
+        "/track/%2e%2e/admin",
+        "/track/%2E./x",
+        "/track/..%2Fadmin",
+        "/track/a\\..\\b",
+    ],
+)
 async def test_dot_segments_are_refused(edge, upstream, client_ctx, path):
     """Dot segments, even percent-encoded, are refused before routing."""
     n = len(upstream.seen)
@@ -120,8 +180,9 @@ async def test_host_other_than_sni_gets_421(edge, upstream, client_ctx):
 
 async def test_host_with_port_and_case_matches_sni(edge, client_ctx):
     """The port and letter case of Host don't matter."""
-    resp = await request(edge.port, HOST, client_ctx, "GET", "/track",
-                         host=f"{HOST.upper()}:{edge.port}")
+    resp = await request(
+        edge.port, HOST, client_ctx, "GET", "/track", host=f"{HOST.upper()}:{edge.port}"
+    )
     assert resp.status == 200
 
 
@@ -227,8 +288,9 @@ async def test_expect_100_continue(edge, upstream, client_ctx):
 
 
 async def test_huge_headers_get_431(edge, client_ctx):
-    resp = await request(edge.port, HOST, client_ctx, "GET", "/track",
-                         headers=[("X-Big", "x" * 20000)])
+    resp = await request(
+        edge.port, HOST, client_ctx, "GET", "/track", headers=[("X-Big", "x" * 20000)]
+    )
     assert resp.status == 431
 
 
@@ -287,12 +349,16 @@ async def test_upstream_connections_are_reused(edge, upstream, client_ctx):
 
 async def test_request_metrics_by_route_and_status_class(edge, client_ctx):
     """The latency histogram counts by route and status class, never by domain."""
-    before = edge.sample("edgeproxy_request_duration_seconds_count", route="/track",
-                         status_class="2xx")
+    before = edge.sample(
+        "edgeproxy_request_duration_seconds_count", route="/track", status_class="2xx"
+    )
     await request(edge.port, HOST, client_ctx, "GET", "/track")
-    after = edge.sample("edgeproxy_request_duration_seconds_count", route="/track",
-                        status_class="2xx")
+    after = edge.sample(
+        "edgeproxy_request_duration_seconds_count", route="/track", status_class="2xx"
+    )
     assert after == before + 1
     assert HOST not in edge.metrics()
-    assert edge.sample("edgeproxy_request_duration_seconds_count", route="none",
-                       status_class="4xx") >= 1
+    assert (
+        edge.sample("edgeproxy_request_duration_seconds_count", route="none", status_class="4xx")
+        >= 1
+    )

@@ -59,17 +59,26 @@ async def test_missing_sni_is_refused(edge: Edge):
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
     with pytest.raises((ssl.SSLError, ConnectionError)):
-        await asyncio.open_connection(
-            "127.0.0.1", edge.port, ssl=ctx, server_hostname=None
-        )
+        await asyncio.open_connection("127.0.0.1", edge.port, ssl=ctx, server_hostname=None)
     assert edge.sample("edgeproxy_tls_handshakes_total", result="no_sni") == before + 1
 
 
 def _s_client(port: int, *args: str) -> str:
     proc = subprocess.run(
-        ["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-servername", DOMAINS[0],
-         "-cipher", "DEFAULT@SECLEVEL=0", *args],
-        input=b"", capture_output=True, timeout=10,
+        [
+            "openssl",
+            "s_client",
+            "-connect",
+            f"127.0.0.1:{port}",
+            "-servername",
+            DOMAINS[0],
+            "-cipher",
+            "DEFAULT@SECLEVEL=0",
+            *args,
+        ],
+        input=b"",
+        capture_output=True,
+        timeout=10,
     )
     return (proc.stdout + proc.stderr).decode(errors="replace")
 

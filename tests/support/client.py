@@ -91,20 +91,34 @@ class Conn:
             pass
 
 
-def build(method: str, target: str, host: str, headers: list[tuple[str, str]] | None = None,
-          body: bytes = b"") -> bytes:
+def build(
+    method: str,
+    target: str,
+    host: str,
+    headers: list[tuple[str, str]] | None = None,
+    body: bytes = b"",
+) -> bytes:
     lines = [f"{method} {target} HTTP/1.1", f"Host: {host}"]
     for n, v in headers or []:
         lines.append(f"{n}: {v}")
-    if body and not any(n.lower() in ("content-length", "transfer-encoding")
-                        for n, _ in headers or []):
+    if body and not any(
+        n.lower() in ("content-length", "transfer-encoding") for n, _ in headers or []
+    ):
         lines.append(f"Content-Length: {len(body)}")
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
-async def request(port: int, sni: str, ctx: ssl.SSLContext, method: str, target: str,
-                  headers: list[tuple[str, str]] | None = None, body: bytes = b"",
-                  host: str | None = None, timeout: float = 10.0) -> Response:
+async def request(
+    port: int,
+    sni: str,
+    ctx: ssl.SSLContext,
+    method: str,
+    target: str,
+    headers: list[tuple[str, str]] | None = None,
+    body: bytes = b"",
+    host: str | None = None,
+    timeout: float = 10.0,
+) -> Response:
     """One request on a fresh connection; returns the parsed response."""
     conn = await Conn.open(port, sni, ctx)
     try:

@@ -62,7 +62,10 @@ class Edge:
         with self.stdout_path.open("ab") as out, self.stderr_path.open("ab") as err:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "edgeproxy", "serve", "--config", str(self.config_path)],
-                cwd=self.workdir, env=env, stdout=out, stderr=err,
+                cwd=self.workdir,
+                env=env,
+                stdout=out,
+                stderr=err,
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -140,15 +140,21 @@ class RawUpstream:
         if t.is_closing():
             return
         if last == "hop":
-            t.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive, X-Hop-Secret\r\n"
-                    b"X-Hop-Secret: s3cret\r\nKeep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\n"
-                    b"Trailer: X-Trail\r\nX-End-To-End: kept\r\n\r\nok")
+            t.write(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive, X-Hop-Secret\r\n"
+                b"X-Hop-Secret: s3cret\r\nKeep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\n"
+                b"Trailer: X-Trail\r\nX-End-To-End: kept\r\n\r\nok"
+            )
         elif last == "cookies":
-            t.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nSet-Cookie: a=1; Path=/; HttpOnly\r\n"
-                    b"Set-Cookie: b=2, with comma; Path=/\r\n\r\nok")
+            t.write(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nSet-Cookie: a=1; Path=/; HttpOnly\r\n"
+                b"Set-Cookie: b=2, with comma; Path=/\r\n\r\nok"
+            )
         elif last == "chunked":
-            t.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
-                    b"5\r\nhello\r\n1\r\n \r\n5\r\nworld\r\n0\r\n\r\n")
+            t.write(
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                b"5\r\nhello\r\n1\r\n \r\n5\r\nworld\r\n0\r\n\r\n"
+            )
         elif last == "close":
             t.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nuntil-eof")
             t.close()
@@ -159,8 +165,10 @@ class RawUpstream:
             t.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1234\r\nX-Head: yes\r\n\r\n")
         else:
             n = len(self.seen)
-            t.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n"
-                    b"X-Upstream-Seq: %d\r\nX-Upstream-Port: %d\r\n\r\nok" % (n, self.port))
+            t.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n"
+                b"X-Upstream-Seq: %d\r\nX-Upstream-Port: %d\r\n\r\nok" % (n, self.port)
+            )
 
     def stop(self) -> None:
         if self.server is not None:

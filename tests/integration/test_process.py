@@ -1,0 +1,181 @@
+"""The process model as an operator runs it: workers, signals, drain, metrics, bad config."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from tests.conftest import DOMAINS, write_bundle
+from tests.integration.conftest import base_config
+from tests.support.client import Conn, build, request
+from tests.support.edge import Edge
+
+HOST = DOMAINS[0]
+
+
+def _worker_pids(edge: Edge) -> set[int]:
+    return {line["pid"] for line in edge.access()}
+
+
+async def test_graceful_drain_finishes_in_flight_requests(
+    tmp_path, certs_dir, upstream, chat_upstream, client_ctx
+):
+    """SIGTERM: in-flight requests complete, new connections are refused, exit code 0."""
+    config = base_config(certs_dir, upstream, chat_upstream)
+    config["proxy"]["response_timeout"] = 5.0
+    edge = Edge(tmp_path, config).start()
+    try:
+        slow = [
+            asyncio.create_task(request(edge.port, HOST, client_ctx, "GET", "/track/slow?ms=1500"))
+            for _ in range(3)
+        ]
+        idle = await Conn.open(edge.port, HOST, client_ctx)  # keep-alive, nothing in flight
+        await asyncio.sleep(0.5)
+        edge.signal(signal.SIGTERM)
+        responses = await asyncio.gather(*slow)
+        assert [r.status for r in responses] == [200, 200, 200]
+        assert all(r.header(b"connection") == [b"close"] for r in responses)
+        assert await idle.read_eof() == b""  # the idle connection was closed
+        await idle.close()
+        assert await asyncio.to_thread(edge.proc.wait, 15) == 0
+        try:
+            await Conn.open(edge.port, HOST, client_ctx)
+            raise AssertionError("the edge still accepts connections after it stopped")
+        except OSError:
+            pass
+    finally:
+        edge.stop()
+
+
+async def test_two_workers_both_serve_and_metrics_sum(
+    tmp_path, certs_dir, upstream, chat_upstream, client_ctx
+):
+    """workers = 2: connections spread over both processes; /metrics counts all of them."""
+    config = base_config(certs_dir, upstream, chat_upstream)
+    config["server"]["workers"] = 2
+    edge = Edge(tmp_path, config).start()
+    try:
+        n = 40
+        results = await asyncio.gather(
+            *[request(edge.port, HOST, client_ctx, "POST", "/track", body=b"{}") for _ in range(n)]
+        )
+        assert all(r.status == 200 for r in results)
+        assert len(_worker_pids(edge)) == 2
+        assert (
+            edge.sample(
+                "edgeproxy_request_duration_seconds_count", route="/track", status_class="2xx"
+            )
+            == n
+        )
+        assert edge.sample("edgeproxy_tls_handshakes_total", result="ok") == n
+        assert edge.sample("edgeproxy_workers_ready") == 2
+    finally:
+        assert edge.stop() == 0
+
+
+async def test_a_killed_worker_is_replaced(
+    tmp_path, certs_dir, upstream, chat_upstream, client_ctx
+):
+    """SIGKILL to a worker: the supervisor starts another and traffic keeps flowing."""
+    edge = Edge(tmp_path, base_config(certs_dir, upstream, chat_upstream)).start()
+    try:
+        assert (await request(edge.port, HOST, client_ctx, "GET", "/track")).status == 200
+        [victim] = _worker_pids(edge)
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                resp = await request(edge.port, HOST, client_ctx, "GET", "/track", timeout=2)
+                if resp.status == 200 and _worker_pids(edge) - {victim}:
+                    break
+            except (OSError, TimeoutError):
+                pass
+            await asyncio.sleep(0.1)
+        assert _worker_pids(edge) - {victim}, "no new worker served"
+        assert "restarting" in edge.stderr()
+    finally:
+        assert edge.stop() == 0
+
+
+async def test_sighup_rescans_certificates(
+    tmp_path, intermediate, upstream, chat_upstream, client_ctx
+):
+    """A bundle added on disk is served after SIGHUP, without a restart."""
+    certs = tmp_path / "certs"
+    write_bundle(certs, HOST, intermediate)
+    edge = Edge(tmp_path, base_config(certs, upstream, chat_upstream)).start()
+    try:
+        new = "t.gamma.test"
+        write_bundle(certs, new, intermediate)
+        edge.signal(signal.SIGHUP)
+        deadline = time.monotonic() + 5
+        status = 0
+        while time.monotonic() < deadline and status != 200:
+            try:
+                status = (await request(edge.port, new, client_ctx, "GET", "/track")).status
+            except OSError:
+                await asyncio.sleep(0.1)
+        assert status == 200
+    finally:
+        edge.stop()
+
+
+def test_health_and_readiness(edge):
+    status, body = edge.get("/healthz")
+    assert status == 200 and json.loads(body)["status"] == "ok"
+    status, body = edge.get("/readyz")
+    doc = json.loads(body)
+    assert status == 200
+    assert (doc["workers_ready"], doc["certificates"]) == (1, len(DOMAINS))
+
+
+def test_metrics_exposition_has_the_contract_names(edge):
+    text = edge.metrics()
+    for name in (
+        "edgeproxy_request_duration_seconds_bucket",
+        "edgeproxy_upstream_duration_seconds_bucket",
+        "edgeproxy_tls_handshakes_total",
+        "edgeproxy_connections_active",
+        "edgeproxy_build_info",
+    ):
+        assert name in text
+    assert 'le="0.0005"' in text  # sub-millisecond buckets
+
+
+def test_bad_config_is_refused_naming_the_key(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[server]\nlisten = ["127.0.0.1:0"]\nworkers = "two"\n')
+    proc = subprocess.run(
+        [sys.executable, "-m", "edgeproxy", "serve", "--config", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 2
+    assert "server.workers" in proc.stderr
+
+
+def test_port_in_use_is_refused_naming_the_address(tmp_path, edge):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[server]\nlisten = ["127.0.0.1:{edge.port}"]\n[metrics]\nlisten = ""\n')
+    proc = subprocess.run(
+        [sys.executable, "-m", "edgeproxy", "serve", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 2
+    assert f"127.0.0.1:{edge.port}" in proc.stderr
+
+
+async def test_connections_active_gauge(edge, client_ctx):
+    conn = await Conn.open(edge.port, HOST, client_ctx)
+    conn.send(build("GET", "/track", HOST))
+    await conn.read_responses()
+    assert edge.sample("edgeproxy_connections_active") >= 1
+    await conn.close()

@@ -1,0 +1,110 @@
+"""Routing table, path safety and header rewriting, without sockets."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from edgeproxy.config import ProxySettings, Route
+from edgeproxy.proxy.headers import end_to_end, forwarding_headers
+from edgeproxy.proxy.routes import RouteTable, is_safe_path
+from edgeproxy.proxy.upstream import UpstreamPool
+
+
+def _table() -> RouteTable:
+    routes = [
+        Route("/track", ("http://a:1",)),
+        Route("/track/v2", ("http://b:2",)),
+        Route("/chat", ("http://a:1", "http://b:2"), long_lived=True),
+    ]
+    pools = {u: UpstreamPool(u, ProxySettings()) for r in routes for u in r.upstreams}
+    return RouteTable(routes, pools)
+
+
+@pytest.mark.parametrize(
+    ("path", "prefix"),
+    [
+        (b"/track", "/track"),
+        (b"/track/", "/track"),
+        (b"/track/x/y", "/track"),
+        (b"/track/v2", "/track/v2"),
+        (b"/track/v2/z", "/track/v2"),
+        (b"/track/v2x", "/track"),
+        (b"/trackx", None),
+        (b"/", None),
+        (b"/Track", None),
+        (b"/chat", "/chat"),
+    ],
+)
+def test_prefix_matching(path, prefix):
+    target = _table().match(path)
+    assert (target.prefix if target else None) == prefix
+
+
+def test_round_robin_with_a_different_retry_pool():
+    chat = _table().match(b"/chat")
+    assert chat is not None
+    picks = [chat.pick() for _ in range(4)]
+    assert [p.url for p, _ in picks] == ["http://a:1", "http://b:2"] * 2
+    assert all(alt is not None and alt is not first for first, alt in picks)
+
+
+@pytest.mark.parametrize(
+    ("path", "safe"),
+    [
+        (b"/track", True),
+        (b"/track/a.b/c.json", True),
+        (b"/track/%20x", True),
+        (b"/track/..", False),
+        (b"/track/../x", False),
+        (b"/track/./x", False),
+        (b"/track/%2e%2E/x", False),
+        (b"/track/.%2e", False),
+        (b"/track/a%5c..%5cb", False),
+        (b"/track/%00", False),
+        (b"track", False),
+        (b"/track/...", True),
+    ],
+)
+def test_path_safety(path, safe):
+    assert is_safe_path(path) is safe
+
+
+def test_end_to_end_drops_hop_by_hop_and_connection_named():
+    headers = [
+        (b"Connection", b"close, X-A"),
+        (b"X-A", b"1"),
+        (b"Keep-Alive", b"5"),
+        (b"Transfer-Encoding", b"chunked"),
+        (b"X-B", b"2"),
+        (b"TE", b"trailers"),
+    ]
+    assert end_to_end(headers) == [(b"X-B", b"2")]
+
+
+def test_forwarding_headers_untrusted_peer_discards_chain():
+    out = dict(
+        forwarding_headers([(b"X-Forwarded-For", b"1.1.1.1")], "203.0.113.9", b"t.example.com", [])
+    )
+    assert out[b"X-Forwarded-For"] == b"203.0.113.9"
+    assert out[b"Forwarded"] == b"for=203.0.113.9;proto=https;host=t.example.com"
+
+
+def test_forwarding_headers_trusted_peer_extends_chain():
+    trusted = [ipaddress.ip_network("10.0.0.0/8")]
+    out = dict(
+        forwarding_headers(
+            [(b"X-Forwarded-For", b"198.51.100.7"), (b"Forwarded", b"for=198.51.100.7")],
+            "10.1.2.3",
+            b"t.example.com",
+            trusted,
+        )
+    )
+    assert out[b"X-Forwarded-For"] == b"198.51.100.7, 10.1.2.3"
+    assert out[b"Forwarded"] == b"for=198.51.100.7, for=10.1.2.3;proto=https;host=t.example.com"
+
+
+def test_forwarded_quotes_ipv6():
+    out = dict(forwarding_headers([], "2001:db8::1", b"t.example.com", []))
+    assert out[b"Forwarded"] == b'for="[2001:db8::1]";proto=https;host=t.example.com'
