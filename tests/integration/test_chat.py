@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import aiohttp
 import pytest
 
 from tests.conftest import DOMAINS
-from tests.support.client import request
+from tests.support.client import Conn, build, request
 
 HOST = DOMAINS[1]
 
@@ -49,6 +50,21 @@ async def test_websocket_upgrade_is_not_tunnelled_on_beacon_routes(edge, upstrea
     assert resp.status == 200
     seen = upstream.wait_seen(n + 1)[n]
     assert seen.header(b"upgrade") == [] and seen.header(b"connection") == []
+
+
+async def test_streamed_response_arrives_as_it_is_written(edge, client_ctx):
+    """An event stream is relayed chunk by chunk, not buffered until the end."""
+    conn = await Conn.open(edge.port, HOST, client_ctx)
+    conn.send(build("GET", "/chat/stream", HOST))
+    start = time.monotonic()
+    async with asyncio.timeout(5):
+        while b"tick 0" not in conn.collector.cur.body:
+            conn.parser.feed_data(await conn.reader.read(4096))
+    first = time.monotonic() - start
+    [resp] = await conn.read_responses(1)
+    await conn.close()
+    assert first < 0.4  # the upstream takes 1.5 s for all three
+    assert resp.body == b"".join(b"data: tick %d\n\n" % i for i in range(3))
 
 
 @pytest.mark.slow

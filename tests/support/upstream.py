@@ -198,7 +198,17 @@ class AiohttpUpstream:
             await asyncio.sleep(float(request.query.get("s", "1")))
             return web.json_response({"polled": True})
 
+        async def stream(request: web.Request) -> web.StreamResponse:
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await resp.prepare(request)
+            for i in range(3):
+                await resp.write(f"data: tick {i}\n\n".encode())
+                await asyncio.sleep(0.5)
+            await resp.write_eof()
+            return resp
+
         app = web.Application()
+        app.router.add_get("/chat/stream", stream)
         app.router.add_get("/chat/ws", ws)
         app.router.add_get("/chat/poll", poll)
         self.runner = web.AppRunner(app, access_log=None)
