@@ -16,6 +16,7 @@ demo: $(BIN)/.installed
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check edgeproxy tests bench
+	$(BIN)/ruff format --check edgeproxy tests bench
 	$(BIN)/mypy
 
 test: lint
