@@ -15,19 +15,30 @@ from tests.support.upstream import AiohttpUpstream, LoopThread, RawUpstream
 DOMAINS = ("t.alpha.test", "t.beta.test", "t.xn--bcher-kva.test")  # the last is t.bücher.test
 
 
+RSA = trustme.KeyType.RSA  # registration needs RSA 2048; trustme defaults to ECDSA
+
+
 @pytest.fixture(scope="session")
 def ca() -> trustme.CA:
-    return trustme.CA()
+    return trustme.CA(key_type=RSA)
 
 
 @pytest.fixture(scope="session")
 def intermediate(ca: trustme.CA) -> trustme.CA:
-    return ca.create_child_ca()
+    return ca.create_child_ca(key_type=RSA)
+
+
+@pytest.fixture(scope="session")
+def trust_bundle(tmp_path_factory: pytest.TempPathFactory, ca: trustme.CA) -> Path:
+    """The test root as a PEM file, for certs.trust_bundle."""
+    path = tmp_path_factory.mktemp("trust") / "roots.pem"
+    ca.cert_pem.write_to_path(str(path))
+    return path
 
 
 def write_bundle(certs_dir: Path, domain: str, issuer: trustme.CA) -> trustme.LeafCert:
     """Write certs_dir/<domain>/{fullchain,privkey}.pem the way an operator does."""
-    leaf = issuer.issue_cert(domain)
+    leaf = issuer.issue_cert(domain, key_type=RSA)
     folder = certs_dir / domain
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "fullchain.pem").write_bytes(b"".join(b.bytes() for b in leaf.cert_chain_pems))
