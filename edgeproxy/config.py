@@ -101,9 +101,40 @@ class CertsSettings:
     trust_bundle: Path | None = None
     cache_size: int = 10000
     """How many per-domain SSL contexts a worker keeps built (LRU)."""
+    state_dir: Path | None = None
+    """The edge's own state (validated bundles it serves, index); default <dir>/.edgeproxy."""
+    rescan_interval: float = 60.0
+    """Full rescans catch anything the file watcher missed."""
+    reload_step_ms: int = 20
+    """Quiet time after the last file event before a change is picked up."""
+    reload_debounce_ms: int = 200
+    """Longest a burst of file events is grouped before it is picked up anyway."""
+    force_polling: bool = False
+    """Poll the folder instead of inotify (network filesystems, exotic mounts)."""
 
     def __post_init__(self) -> None:
-        _positive("certs", self, "cache_size")
+        _positive(
+            "certs", self, "cache_size", "rescan_interval", "reload_step_ms", "reload_debounce_ms"
+        )
+
+    @property
+    def state(self) -> Path:
+        return self.state_dir if self.state_dir is not None else self.dir / ".edgeproxy"
+
+
+@dataclass(frozen=True, slots=True)
+class NotifySettings:
+    webhook_url: str = ""
+    """Expiry reminders are POSTed here as JSON ("" = log only)."""
+    reminder_days: tuple[int, ...] = (60, 30, 14, 7, 1)
+    check_interval: float = 3600.0
+
+    def __post_init__(self) -> None:
+        if self.webhook_url and urlsplit(self.webhook_url).scheme not in ("http", "https"):
+            raise ConfigError(f"notify.webhook_url: {self.webhook_url!r} is not an http(s) URL")
+        if not self.reminder_days or any(d <= 0 for d in self.reminder_days):
+            raise ConfigError("notify.reminder_days: list positive numbers of days, e.g. [60, 30]")
+        _positive("notify", self, "check_interval")
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,6 +230,7 @@ class Settings:
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     admin: AdminSettings = field(default_factory=AdminSettings)
     log: LogSettings = field(default_factory=LogSettings)
+    notify: NotifySettings = field(default_factory=NotifySettings)
 
     def __post_init__(self) -> None:
         prefixes = [r.prefix for r in self.routes]
@@ -218,7 +250,7 @@ def _positive(section: str, obj: object, *names: str) -> None:
 
 # --- loading -------------------------------------------------------------------------------
 
-_SECTIONS = ("server", "certs", "routes", "proxy", "metrics", "admin", "log")
+_SECTIONS = ("server", "certs", "routes", "proxy", "metrics", "admin", "log", "notify")
 
 
 def load_settings(path: Path | None, env: Mapping[str, str] | None = None) -> Settings:
@@ -281,12 +313,30 @@ def settings_from_dict(raw: Mapping[str, Any]) -> Settings:
     s.done()
     c = _Section(raw, "certs")
     trust = c.text("trust_bundle", "")
+    state_dir = c.text("state_dir", "")
     certs = CertsSettings(
         dir=Path(c.text("dir", "certs")),
         trust_bundle=Path(trust) if trust else None,
         cache_size=c.integer("cache_size", 10000),
+        state_dir=Path(state_dir) if state_dir else None,
+        rescan_interval=c.number("rescan_interval", 60.0),
+        reload_step_ms=c.integer("reload_step_ms", 20),
+        reload_debounce_ms=c.integer("reload_debounce_ms", 200),
+        force_polling=c.flag("force_polling", False),
     )
     c.done()
+    n = _Section(raw, "notify")
+    days = n._get("reminder_days", [60, 30, 14, 7, 1])
+    if not isinstance(days, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) for d in days
+    ):
+        raise ConfigError(f"notify.reminder_days: expected a list of whole days, got {days!r}")
+    notify = NotifySettings(
+        webhook_url=n.text("webhook_url", ""),
+        reminder_days=tuple(sorted(set(days), reverse=True)),
+        check_interval=n.number("check_interval", 3600.0),
+    )
+    n.done()
     p = _Section(raw, "proxy")
     proxy = ProxySettings(
         long_lived_routes=tuple(p.strings("long_lived_routes", ["/chat"])),
@@ -338,6 +388,7 @@ def settings_from_dict(raw: Mapping[str, Any]) -> Settings:
         metrics=metrics,
         admin=admin,
         log=log,
+        notify=notify,
     )
 
 

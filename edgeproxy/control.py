@@ -1,8 +1,12 @@
-"""The control process: metrics and health on `[metrics] listen` (admin API comes later).
+"""The control process: certificate registry, metrics and health (admin API comes later).
 
-It serves no customer traffic, so a slow scrape never delays a beacon. `/metrics` sums
-every worker's values from the multiprocess directory; `/readyz` is 200 only when every
-worker reports its listeners up and its certificates indexed.
+It serves no customer traffic, so validation work or a slow scrape never delays a beacon.
+- The certificate registry lives here: every change is validated once and published to
+  the served folder the workers follow (see tls/registry.py, reload.py).
+- `/metrics` sums every worker's values from the multiprocess directory and adds the
+  certificate metrics the registry owns.
+- `/readyz` is 200 only when the registry has synced and every worker reports its
+  listeners up and its certificates indexed.
 """
 
 from __future__ import annotations
@@ -11,36 +15,73 @@ import asyncio
 import os
 import signal
 import socket
+import time
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from edgeproxy.asyncio_utils import create_task
 from edgeproxy.config import Settings
+from edgeproxy.metrics import CertCollector, CertRow
+from edgeproxy.reload import run_registry, sync
+from edgeproxy.tls.bundle import trust_store
+from edgeproxy.tls.registry import CertRegistry
+from edgeproxy.tls.source import DirectorySource
 
 
-def _collect() -> CollectorRegistry:
-    registry = CollectorRegistry()
-    MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-    return registry
+def make_registry(settings: Settings) -> CertRegistry:
+    certs = settings.certs
+    source = DirectorySource(
+        certs.dir,
+        step_ms=certs.reload_step_ms,
+        debounce_ms=certs.reload_debounce_ms,
+        force_polling=certs.force_polling,
+        ignore=certs.state,
+    )
+    return CertRegistry(source, certs.state, lambda: trust_store(certs.trust_bundle))
 
 
-def build_app(settings: Settings) -> web.Application:
+def _cert_rows(registry: CertRegistry) -> tuple[list[CertRow], dict[str, int], float | None]:
+    now = time.time()
+    rows = [
+        (e.domain, e.served.not_after if e.served else None, e.state(now).value)
+        for e in registry.snapshot()
+    ]
+    return rows, dict(registry.counts), registry.last_success
+
+
+def build_app(settings: Settings, registry: CertRegistry) -> web.Application:
     expected = settings.server.worker_count
+    certs = CertCollector(lambda: _cert_rows(registry))
+
+    def collect() -> CollectorRegistry:
+        scrape = CollectorRegistry()
+        MultiProcessCollector(scrape)  # type: ignore[no-untyped-call]
+        scrape.register(certs)
+        return scrape
 
     async def metrics(_: web.Request) -> web.Response:
-        body = await asyncio.to_thread(lambda: generate_latest(_collect()))
+        body = await asyncio.to_thread(lambda: generate_latest(collect()))
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response({"status": "ok", "pid": os.getpid()})
 
     async def readyz(_: web.Request) -> web.Response:
-        registry = await asyncio.to_thread(_collect)
-        ready = registry.get_sample_value("edgeproxy_workers_ready") or 0
-        loaded = registry.get_sample_value("edgeproxy_certificates_loaded") or 0
-        doc = {"workers_ready": int(ready), "workers": expected, "certificates": int(loaded)}
-        if ready >= expected:
+        scrape = await asyncio.to_thread(collect)
+        ready = scrape.get_sample_value("edgeproxy_workers_ready") or 0
+        # Every worker must have picked up what the registry published.
+        loaded = scrape.get_sample_value("edgeproxy_certificates_loaded") or 0
+        served = sum(1 for e in registry.snapshot() if e.served is not None)
+        doc = {
+            "workers_ready": int(ready),
+            "workers": expected,
+            "certificates_synced": registry.ready,
+            "certificates": served,
+            "certificates_in_every_worker": int(loaded),
+        }
+        if ready >= expected and registry.ready and loaded >= served:
             return web.json_response({"status": "ready", **doc})
         return web.json_response({"status": "starting", **doc}, status=503)
 
@@ -58,10 +99,16 @@ async def serve_control(
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    runner = web.AppRunner(build_app(settings), access_log=None, handle_signals=False)
+    registry = make_registry(settings)
+    loop.add_signal_handler(signal.SIGHUP, lambda: create_task(sync(registry), name="sighup"))
+    runner = web.AppRunner(build_app(settings, registry), access_log=None, handle_signals=False)
     await runner.setup()
     if metrics_sock is not None:
         await web.SockSite(runner, metrics_sock).start()
+    certs = settings.certs
+    reloader = create_task(
+        run_registry(registry, registry.source, stop, certs.rescan_interval), name="registry"
+    )
 
     def check_parent() -> None:
         if os.getppid() != parent_pid:
@@ -71,6 +118,7 @@ async def serve_control(
 
     loop.call_later(1.0, check_parent)
     await stop.wait()
+    reloader.cancel()
     await runner.cleanup()
 
 

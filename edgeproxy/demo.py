@@ -167,6 +167,7 @@ listen = ["127.0.0.1:{port}"]
 workers = 1
 [certs]
 dir = {json.dumps(str(state / "certs"))}
+trust_bundle = {json.dumps(str(state / "ca.pem"))}
 [routes]
 "/track" = {upstream}
 "/chat" = {upstream}

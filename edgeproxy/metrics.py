@@ -12,9 +12,11 @@ lets the control process sum them on scrape.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from edgeproxy import __version__
 
@@ -41,6 +43,12 @@ STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 HANDSHAKE_RESULTS = ("ok", "unknown_sni", "no_sni", "error")
 UPSTREAM_ERRORS = ("connect", "timeout", "broken")
 NO_ROUTE = "none"
+CERT_STATES = ("active", "expiring", "expired", "invalid")
+RELOAD_RESULTS = ("loaded", "rejected", "removed")
+
+CertRow = tuple[str, float | None, str]
+"""(domain, notAfter as a Unix timestamp or None, state)"""
+CertMetricsSource = Callable[[], tuple[Iterable[CertRow], Mapping[str, int], float | None]]
 
 
 class Metrics:
@@ -88,9 +96,9 @@ class Metrics:
         )
         self.certificates_loaded = Gauge(
             "edgeproxy_certificates_loaded",
-            "Domains with a usable certificate bundle.",
+            "Domains a worker can serve (the least up-to-date worker's count).",
             registry=registry,
-            multiprocess_mode="livemax",
+            multiprocess_mode="livemin",
         )
         self.build_info = Gauge(
             "edgeproxy_build_info",
@@ -109,3 +117,55 @@ class Metrics:
                 self.upstream_errors.labels(route, kind)
         for result in HANDSHAKE_RESULTS:
             self.tls_handshakes.labels(result)
+
+
+class CertCollector(Collector):
+    """Certificate metrics, read from the registry at scrape time (control process only).
+
+    Kept out of the multiprocess files on purpose: one process owns them, and a removed
+    domain's series must disappear, which multiprocess gauges can't do.
+    """
+
+    def __init__(self, source: CertMetricsSource) -> None:
+        self.source = source
+
+    def collect(self) -> Iterator[Metric]:
+        rows, counts, last_success = self.source()
+        not_after = GaugeMetricFamily(
+            "edgeproxy_cert_not_after_timestamp_seconds",
+            "When each domain's served certificate expires (the one per-domain series).",
+            labels=["domain"],
+        )
+        states = dict.fromkeys(CERT_STATES, 0)
+        earliest: float | None = None
+        for domain, expiry, state in rows:
+            states[state] = states.get(state, 0) + 1
+            if expiry is not None:
+                not_after.add_metric([domain], expiry)
+                earliest = expiry if earliest is None else min(earliest, expiry)
+        yield not_after
+        by_state = GaugeMetricFamily(
+            "edgeproxy_certs", "Registered domains by certificate state.", labels=["state"]
+        )
+        for state, n in states.items():
+            by_state.add_metric([state], n)
+        yield by_state
+        reloads = CounterMetricFamily(
+            "edgeproxy_cert_reloads", "Certificate bundle changes by result.", labels=["result"]
+        )
+        for result in RELOAD_RESULTS:
+            reloads.add_metric([result], counts.get(result, 0))
+        yield reloads
+        last = GaugeMetricFamily(
+            "edgeproxy_cert_reload_last_success_timestamp_seconds",
+            "When a certificate bundle was last loaded successfully.",
+        )
+        last.add_metric([], last_success or 0)
+        yield last
+        if earliest is not None:
+            soonest = GaugeMetricFamily(
+                "edgeproxy_certificate_earliest_expiry_timestamp_seconds",
+                "The soonest notAfter among served certificates.",
+            )
+            soonest.add_metric([], earliest)
+            yield soonest

@@ -6,7 +6,7 @@ Shutdown (SIGTERM or SIGINT), in order:
    (with `Connection: close`);
 3. wait for in-flight requests up to `server.drain_timeout`;
 4. abort whatever is still open, close the upstream pools, exit 0.
-SIGHUP rescans the certificates folder.
+SIGHUP rescans the served certificates; changes arrive by themselves (reload.watch_served).
 """
 
 from __future__ import annotations
@@ -20,12 +20,14 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
+from edgeproxy.asyncio_utils import create_task
 from edgeproxy.config import Settings
 from edgeproxy.logging import server_log
 from edgeproxy.metrics import Metrics
 from edgeproxy.proxy.forward import ClientConnection, ProxyContext
 from edgeproxy.proxy.routes import RouteTable
 from edgeproxy.proxy.upstream import UpstreamPool
+from edgeproxy.reload import watch_served
 from edgeproxy.tls.sni import HandshakeTally, install_sni_callback
 from edgeproxy.tls.store import CertStore
 
@@ -42,7 +44,7 @@ class Worker:
         self.settings = settings
         self.base_ctx = base_ctx
         self.metrics = Metrics(registry or CollectorRegistry(), [r.prefix for r in settings.routes])
-        self.store = CertStore(settings.certs.dir, settings.certs.cache_size)
+        self.store = CertStore(settings.certs.state / "served", settings.certs.cache_size)
         handshakes = {
             r: self.metrics.tls_handshakes.labels(r)
             for r in ("ok", "unknown_sni", "no_sni", "error")
@@ -116,10 +118,22 @@ class Worker:
             loop.add_signal_handler(sig, self.stopping.set)
         loop.add_signal_handler(signal.SIGHUP, self.rescan)
         await self.start(sockets)
+        certs = self.settings.certs
+        watcher = create_task(
+            watch_served(
+                self.store,
+                self.stopping,
+                step_ms=certs.reload_step_ms,
+                rescan_interval=certs.rescan_interval,
+                on_change=lambda: self.metrics.certificates_loaded.set(len(self.store)),
+            ),
+            name="watch-served",
+        )
         if parent_pid is not None:
             _watch_parent(loop, parent_pid, self.stopping)
         await self.stopping.wait()
         await self.drain()
+        await asyncio.wait([watcher], timeout=2)
 
 
 def _watch_parent(loop: asyncio.AbstractEventLoop, parent_pid: int, stop: asyncio.Event) -> None:

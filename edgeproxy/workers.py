@@ -150,7 +150,7 @@ class Supervisor:
             if info.si_signo == signal.SIGCHLD:
                 self._reap()
             elif info.si_signo == signal.SIGHUP:
-                for pid in self.workers:
+                for pid in [*self.workers, *([self.control_pid] if self.control_pid else [])]:
                     _kill(pid, signal.SIGHUP)
             else:
                 return self.shutdown()

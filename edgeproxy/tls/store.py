@@ -1,16 +1,18 @@
-"""CertStore: the index of served domains and their SSL contexts.
+"""CertStore: what a worker serves, by exact domain, with SSL contexts built on demand.
 
 Rules:
-- The index maps an exact registered domain (lower-case A-label) to its bundle; there is
-  no wildcard and no default entry.
-- A bundle that fails to load is skipped with a log line and never replaces the last
-  good one for its domain.
-- Contexts are kept in a bounded LRU cache; a domain whose context was evicted is rebuilt
-  on its next handshake from the files the index points at.
+- The store reads only the registry's served folder (`<state>/served/<domain>.pem`, key then
+  chain, each validated before the registry wrote it and replaced atomically), never the
+  operators' folder: a bad write there can't reach a handshake.
+- The index maps a lower-case A-label domain to its served file; no wildcard, no default.
+- Contexts live in a bounded LRU cache (`certs.cache_size`); an evicted domain's context is
+  rebuilt on its next handshake (~1 ms). An unknown name allocates nothing.
+- `refresh(domain)` after a change builds the new context first and then swaps it in, so no
+  handshake sees a half-updated entry; connections already open keep their old context.
 
-Theory of operation: `scan()` walks `certs.dir` once (at start, and on SIGHUP), building a
-context for every new or changed bundle, which validates that the key loads and matches.
-`context_for(name)` is what the SNI callback calls: a dict lookup on the hot path.
+Theory of operation: `scan()` lists the served folder once (no parsing), so start-up is a
+directory listing even for 100k domains. The SNI callback calls `context_for(name)`: a dict
+lookup on the hot path, plus one build the first time a domain is seen.
 """
 
 from __future__ import annotations
@@ -19,124 +21,75 @@ import os
 import re
 import ssl
 from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
 
 from edgeproxy.logging import tls_log
 from edgeproxy.tls.sni import new_server_context
-
-FULLCHAIN = "fullchain.pem"
-PRIVKEY = "privkey.pem"
 
 # A registered domain: lower-case A-labels, at least one dot, an alphabetic (or IDN) TLD, so
 # no IP address, no wildcard, nothing that could climb out of the certificates folder.
 _DOMAIN_RE = re.compile(
     r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+(xn--[a-z0-9-]{1,59}|[a-z]{2,63})$"
 )
+SERVED_SUFFIX = ".pem"
 
 
 def is_domain_name(name: str) -> bool:
     return bool(_DOMAIN_RE.match(name))
 
 
-@dataclass(frozen=True, slots=True)
-class BundleRef:
-    domain: str
-    fullchain: Path
-    privkey: Path
-    signature: tuple[int, int, int, int]
-    """(mtime_ns, size) of both files after following symlinks: a change means reload."""
-
-
-def _signature(fullchain: Path, privkey: Path) -> tuple[int, int, int, int]:
-    a, b = os.stat(fullchain), os.stat(privkey)
-    return (a.st_mtime_ns, a.st_size, b.st_mtime_ns, b.st_size)
-
-
-def build_context(ref: BundleRef) -> ssl.SSLContext:
-    """A server context for one bundle. Raises ssl.SSLError/OSError when it can't load."""
+def build_context(served_file: Path) -> ssl.SSLContext:
+    """A server context from a served file (key + chain). Raises ssl.SSLError/OSError."""
     ctx = new_server_context()
-    ctx.load_cert_chain(ref.fullchain, ref.privkey)
+    ctx.load_cert_chain(served_file)
     return ctx
 
 
 class CertStore:
-    def __init__(self, certs_dir: Path, cache_size: int) -> None:
-        self.dir = certs_dir
+    def __init__(self, served_dir: Path, cache_size: int) -> None:
+        self.dir = served_dir
         self.cache_size = cache_size
-        self.index: dict[str, BundleRef] = {}
+        self.index: set[str] = set()
         self._cache: OrderedDict[str, ssl.SSLContext] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self.index)
 
+    def path(self, domain: str) -> Path:
+        return self.dir / f"{domain}{SERVED_SUFFIX}"
+
     def scan(self) -> None:
-        """Bring the index in line with the directory: add, replace, drop domains."""
-        seen: set[str] = set()
+        """Bring the index in line with the served folder (start, SIGHUP, periodic)."""
         try:
-            entries = sorted(os.scandir(self.dir), key=lambda e: e.name)
-        except OSError as exc:
-            tls_log.error(
-                "cannot read the certificates folder %s: %s",
-                self.dir,
-                exc,
-                extra={"path": str(self.dir)},
-            )
-            entries = []
-        for entry in entries:
-            name = entry.name
-            if name.startswith(".") or not entry.is_dir():
-                continue
-            if not is_domain_name(name):
-                tls_log.warning(
-                    "skipping %s: folder name is not a lower-case domain name",
-                    entry.path,
-                    extra={"path": entry.path},
-                )
-                continue
-            seen.add(name)
-            self._load(name, Path(entry.path))
-        for gone in set(self.index) - seen:
-            del self.index[gone]
+            names = {
+                e.name[: -len(SERVED_SUFFIX)]
+                for e in os.scandir(self.dir)
+                if e.name.endswith(SERVED_SUFFIX)
+            }
+        except FileNotFoundError:
+            names = set()
+        found = {n for n in names if is_domain_name(n)}
+        for gone in self.index - found:
             self._cache.pop(gone, None)
-            tls_log.info("certificate removed", extra={"domain": gone})
+        self.index = found
 
-    def _load(self, domain: str, folder: Path) -> None:
-        fullchain, privkey = folder / FULLCHAIN, folder / PRIVKEY
-        try:
-            ref = BundleRef(domain, fullchain, privkey, _signature(fullchain, privkey))
-        except OSError as exc:
-            tls_log.warning(
-                "skipping %s: %s",
-                domain,
-                exc.strerror or exc,
-                extra={"domain": domain, "path": str(folder)},
-            )
+    def refresh(self, domain: str) -> None:
+        """The served file of `domain` changed or vanished: swap or drop its entry."""
+        path = self.path(domain)
+        if not path.exists():
+            self.index.discard(domain)
+            self._cache.pop(domain, None)
             return
-        old = self.index.get(domain)
-        if old is not None and old.signature == ref.signature:
-            return
-        try:
-            ctx = build_context(ref)
-        except (ssl.SSLError, OSError, ValueError) as exc:
-            kept = "; keeping the last good bundle" if old else ""
-            tls_log.warning(
-                "certificate bundle for %s does not load: %s%s",
-                domain,
-                exc,
-                kept,
-                extra={"domain": domain, "path": str(folder)},
-            )
-            return
-        self.index[domain] = ref
-        self._remember(domain, ctx)
-        tls_log.info("certificate loaded", extra={"domain": domain, "path": str(folder)})
-
-    def _remember(self, domain: str, ctx: ssl.SSLContext) -> None:
-        self._cache[domain] = ctx
-        self._cache.move_to_end(domain)
-        while len(self._cache) > self.cache_size:
-            self._cache.popitem(last=False)
+        self.index.add(domain)
+        if domain in self._cache:
+            try:
+                ctx = build_context(path)
+            except (ssl.SSLError, OSError) as exc:
+                tls_log.error(
+                    "served bundle for %s does not load: %s", domain, exc, extra={"domain": domain}
+                )
+                return
+            self._cache[domain] = ctx
 
     def context_for(self, name: str) -> ssl.SSLContext | None:
         """The context serving `name`, or None when it is not registered (hot path)."""
@@ -144,15 +97,16 @@ class CertStore:
         if ctx is not None:
             self._cache.move_to_end(name)
             return ctx
-        ref = self.index.get(name)
-        if ref is None:
+        if name not in self.index:
             return None
         try:
-            ctx = build_context(ref)
-        except (ssl.SSLError, OSError, ValueError) as exc:
+            ctx = build_context(self.path(name))
+        except (ssl.SSLError, OSError) as exc:
             tls_log.error(
-                "certificate bundle for %s no longer loads: %s", name, exc, extra={"domain": name}
+                "served bundle for %s does not load: %s", name, exc, extra={"domain": name}
             )
             return None
-        self._remember(name, ctx)
+        self._cache[name] = ctx
+        if len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
         return ctx

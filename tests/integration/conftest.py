@@ -9,7 +9,9 @@ from tests.support.edge import Edge, free_port
 from tests.support.upstream import AiohttpUpstream, RawUpstream
 
 
-def base_config(certs_dir: Path, upstream: RawUpstream, chat: AiohttpUpstream) -> dict:
+def base_config(
+    certs_dir: Path, upstream: RawUpstream, chat: AiohttpUpstream, trust_bundle: Path
+) -> dict:
     return {
         "server": {
             "workers": 1,
@@ -18,7 +20,7 @@ def base_config(certs_dir: Path, upstream: RawUpstream, chat: AiohttpUpstream) -
             "max_body_bytes": 65536,
             "drain_timeout": 10.0,
         },
-        "certs": {"dir": str(certs_dir)},
+        "certs": {"dir": str(certs_dir), "trust_bundle": str(trust_bundle)},
         "routes": {
             "/track": [upstream.url],
             "/collection": [upstream.url],
@@ -38,8 +40,10 @@ def edge(
     certs_dir: Path,
     upstream: RawUpstream,
     chat_upstream: AiohttpUpstream,
+    trust_bundle: Path,
 ) -> Iterator[Edge]:
-    e = Edge(tmp_path_factory.mktemp("edge"), base_config(certs_dir, upstream, chat_upstream))
+    config = base_config(certs_dir, upstream, chat_upstream, trust_bundle)
+    e = Edge(tmp_path_factory.mktemp("edge"), config)
     e.start()
     yield e
     assert e.stop() == 0

@@ -34,7 +34,7 @@ def test_demo_prints_a_curl_line_that_works(tmp_path: Path):
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and curl is None:
             text = out_path.read_text()
-            if '"worker ready"' in text:
+            if '"worker ready"' in text and '"certificates synced"' in text:
                 curl = next(line for line in text.splitlines() if line.startswith("curl "))
             time.sleep(0.1)
         assert curl is not None, out_path.read_text()

@@ -23,10 +23,10 @@ def _worker_pids(edge: Edge) -> set[int]:
 
 
 async def test_graceful_drain_finishes_in_flight_requests(
-    tmp_path, certs_dir, upstream, chat_upstream, client_ctx
+    tmp_path, certs_dir, upstream, chat_upstream, client_ctx, trust_bundle
 ):
     """SIGTERM: in-flight requests complete, new connections are refused, exit code 0."""
-    config = base_config(certs_dir, upstream, chat_upstream)
+    config = base_config(certs_dir, upstream, chat_upstream, trust_bundle)
     config["proxy"]["response_timeout"] = 5.0
     edge = Edge(tmp_path, config).start()
     try:
@@ -53,10 +53,10 @@ async def test_graceful_drain_finishes_in_flight_requests(
 
 
 async def test_two_workers_both_serve_and_metrics_sum(
-    tmp_path, certs_dir, upstream, chat_upstream, client_ctx
+    tmp_path, certs_dir, upstream, chat_upstream, client_ctx, trust_bundle
 ):
     """workers = 2: connections spread over both processes; /metrics counts all of them."""
-    config = base_config(certs_dir, upstream, chat_upstream)
+    config = base_config(certs_dir, upstream, chat_upstream, trust_bundle)
     config["server"]["workers"] = 2
     edge = Edge(tmp_path, config).start()
     try:
@@ -79,10 +79,10 @@ async def test_two_workers_both_serve_and_metrics_sum(
 
 
 async def test_a_killed_worker_is_replaced(
-    tmp_path, certs_dir, upstream, chat_upstream, client_ctx
+    tmp_path, certs_dir, upstream, chat_upstream, client_ctx, trust_bundle
 ):
     """SIGKILL to a worker: the supervisor starts another and traffic keeps flowing."""
-    edge = Edge(tmp_path, base_config(certs_dir, upstream, chat_upstream)).start()
+    edge = Edge(tmp_path, base_config(certs_dir, upstream, chat_upstream, trust_bundle)).start()
     try:
         assert (await request(edge.port, HOST, client_ctx, "GET", "/track")).status == 200
         [victim] = _worker_pids(edge)
@@ -103,12 +103,12 @@ async def test_a_killed_worker_is_replaced(
 
 
 async def test_sighup_rescans_certificates(
-    tmp_path, intermediate, upstream, chat_upstream, client_ctx
+    tmp_path, intermediate, upstream, chat_upstream, client_ctx, trust_bundle
 ):
     """A bundle added on disk is served after SIGHUP, without a restart."""
     certs = tmp_path / "certs"
     write_bundle(certs, HOST, intermediate)
-    edge = Edge(tmp_path, base_config(certs, upstream, chat_upstream)).start()
+    edge = Edge(tmp_path, base_config(certs, upstream, chat_upstream, trust_bundle)).start()
     try:
         new = "t.gamma.test"
         write_bundle(certs, new, intermediate)
@@ -132,6 +132,7 @@ def test_health_and_readiness(edge):
     doc = json.loads(body)
     assert status == 200
     assert (doc["workers_ready"], doc["certificates"]) == (1, len(DOMAINS))
+    assert doc["certificates_in_every_worker"] == len(DOMAINS)
 
 
 def test_metrics_exposition_has_the_contract_names(edge):

@@ -51,6 +51,8 @@ class Edge:
         config.setdefault("server", {}).setdefault("listen", [f"127.0.0.1:{self.port}"])
         config.setdefault("metrics", {})["listen"] = f"127.0.0.1:{self.metrics_port}"
         config.setdefault("admin", {}).setdefault("listen", "")
+        # Each edge keeps its own state, even when several share one certificates folder.
+        config.setdefault("certs", {}).setdefault("state_dir", str(workdir / "state"))
         self.config_path = workdir / "edgeproxy.toml"
         self.config_path.write_text(to_toml(config))
         self.stdout_path = workdir / "edge.stdout"

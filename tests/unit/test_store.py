@@ -1,62 +1,72 @@
-"""CertStore and SNI selection, driven directly (no sockets)."""
+"""The worker's CertStore and SNI selection, driven directly (no sockets)."""
 
 from __future__ import annotations
 
 import ssl
+from pathlib import Path
+
+import trustme
 
 from edgeproxy.tls.sni import HandshakeTally, install_sni_callback, new_server_context
 from edgeproxy.tls.store import CertStore, is_domain_name
-from tests.conftest import write_bundle
+from tests.conftest import RSA
 
 
-def test_scan_indexes_good_bundles_and_skips_bad_ones(tmp_path, intermediate, caplog):
-    write_bundle(tmp_path, "t.good.test", intermediate)
-    bad = tmp_path / "t.bad.test"
-    bad.mkdir()
-    (bad / "fullchain.pem").write_text("not a certificate")
-    (bad / "privkey.pem").write_text("not a key")
-    (tmp_path / "Not_A_Domain").mkdir()
+def _serve(served: Path, domain: str, issuer: trustme.CA) -> None:
+    leaf = issuer.issue_cert(domain, key_type=RSA)
+    served.mkdir(parents=True, exist_ok=True)
+    data = leaf.private_key_pem.bytes() + b"".join(b.bytes() for b in leaf.cert_chain_pems)
+    (served / f"{domain}.pem").write_bytes(data)
+
+
+def test_scan_indexes_served_files_only(tmp_path, intermediate):
+    _serve(tmp_path, "t.good.test", intermediate)
+    (tmp_path / ".tmp-1-t.other.test.pem.part").write_text("half written")
+    (tmp_path / "Not_A_Domain.pem").write_text("x")
     store = CertStore(tmp_path, cache_size=10)
     store.scan()
-    assert sorted(store.index) == ["t.good.test"]
+    assert store.index == {"t.good.test"}
     assert store.context_for("t.good.test") is not None
-    assert store.context_for("t.bad.test") is None
-    assert "t.bad.test" in caplog.text
+    assert store.context_for("t.other.test") is None
 
 
-def test_a_bad_rewrite_keeps_the_last_good_bundle(tmp_path, intermediate):
-    write_bundle(tmp_path, "t.good.test", intermediate)
+def test_refresh_swaps_a_cached_context_and_drops_a_removed_one(tmp_path, intermediate):
+    _serve(tmp_path, "t.good.test", intermediate)
     store = CertStore(tmp_path, cache_size=10)
     store.scan()
-    good = store.context_for("t.good.test")
-    (tmp_path / "t.good.test" / "privkey.pem").write_text("truncated")
-    store.scan()
-    assert store.context_for("t.good.test") is good
-
-
-def test_removed_domain_leaves_the_index(tmp_path, intermediate):
-    write_bundle(tmp_path, "t.gone.test", intermediate)
-    store = CertStore(tmp_path, cache_size=10)
-    store.scan()
-    for f in (tmp_path / "t.gone.test").iterdir():
-        f.unlink()
-    (tmp_path / "t.gone.test").rmdir()
-    store.scan()
-    assert store.context_for("t.gone.test") is None
+    first = store.context_for("t.good.test")
+    _serve(tmp_path, "t.good.test", intermediate)
+    store.refresh("t.good.test")
+    second = store.context_for("t.good.test")
+    assert second is not None and second is not first
+    (tmp_path / "t.good.test.pem").unlink()
+    store.refresh("t.good.test")
+    assert store.context_for("t.good.test") is None
 
 
 def test_cache_is_bounded_and_rebuilds_on_demand(tmp_path, intermediate):
     for i in range(5):
-        write_bundle(tmp_path, f"t.d{i}.test", intermediate)
+        _serve(tmp_path, f"t.d{i}.test", intermediate)
     store = CertStore(tmp_path, cache_size=2)
     store.scan()
+    for i in range(5):
+        assert store.context_for(f"t.d{i}.test") is not None
     assert len(store._cache) == 2
     assert store.context_for("t.d0.test") is not None  # evicted, rebuilt
     assert len(store._cache) == 2
 
 
+def test_unknown_names_allocate_nothing(tmp_path, intermediate):
+    _serve(tmp_path, "t.good.test", intermediate)
+    store = CertStore(tmp_path, cache_size=10)
+    store.scan()
+    for i in range(1000):
+        assert store.context_for(f"t.random{i}.test") is None
+    assert len(store._cache) == 0 and store.index == {"t.good.test"}
+
+
 def test_sni_callback_refuses_unknown_and_missing_names(tmp_path, intermediate):
-    write_bundle(tmp_path, "t.good.test", intermediate)
+    _serve(tmp_path, "t.good.test", intermediate)
     store = CertStore(tmp_path, cache_size=10)
     store.scan()
     counts: dict[str, int] = {}
@@ -79,5 +89,15 @@ def test_sni_callback_refuses_unknown_and_missing_names(tmp_path, intermediate):
 
 def test_domain_names():
     assert is_domain_name("t.example.com") and is_domain_name("t.xn--bcher-kva.test")
-    for bad in ("localhost", "*.example.com", "T.example.com", "a..b", "../x", "1.2.3.4x.-a"):
+    for bad in (
+        "localhost",
+        "*.example.com",
+        "T.example.com",
+        "a..b",
+        "../x",
+        "1.2.3.4",
+        "x.-a",
+        "t.example.com.",
+        "t.exa_mple.com",
+    ):
         assert not is_domain_name(bad), bad

@@ -1,0 +1,123 @@
+"""Hot reload: the watch loops that keep the registry and every worker's store current.
+
+Control process (`run_registry`):
+1. load the index of earlier validations and reconcile it with the source (only changed
+   domains are validated, so a restart with 100k unchanged domains is a listing);
+2. then, for every batch of changed domains the source reports, revalidate just those, off
+   the event loop, one domain at a time;
+3. a read that races a write is retried shortly (up to ~2 s), and a full rescan every
+   `certs.rescan_interval` seconds catches anything the watcher missed.
+
+Worker processes (`watch_served`): watch the registry's served folder and swap the one
+changed domain's context; a rescan every `rescan_interval` catches anything missed.
+Neither loop ever restarts a process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from watchfiles import awatch
+
+from edgeproxy.asyncio_utils import create_task
+from edgeproxy.logging import reload_log
+from edgeproxy.tls.registry import CertRegistry
+from edgeproxy.tls.source import RESCAN_ALL, BundleSource
+from edgeproxy.tls.store import SERVED_SUFFIX, CertStore
+
+INFLIGHT_RETRIES = 20
+INFLIGHT_DELAY = 0.1
+
+
+async def _refresh(registry: CertRegistry, domains: set[str]) -> None:
+    for domain in sorted(domains):
+        for _ in range(INFLIGHT_RETRIES):
+            outcome = await asyncio.to_thread(registry.refresh, domain)
+            if outcome != "inflight":
+                break
+            await asyncio.sleep(INFLIGHT_DELAY)
+        else:
+            reload_log.warning(
+                "%s kept changing while being read; will retry on the next change or rescan",
+                domain,
+                extra={"domain": domain},
+            )
+    if registry.dirty:
+        await asyncio.to_thread(registry.save)
+
+
+async def sync(registry: CertRegistry) -> None:
+    """Reconcile the registry with the whole source (start, SIGHUP, periodic rescan)."""
+    await _refresh(registry, await asyncio.to_thread(registry.changed))
+
+
+async def run_registry(
+    registry: CertRegistry, source: BundleSource, stop: asyncio.Event, rescan_interval: float
+) -> None:
+    # 1. earlier validations, then everything that changed since
+    await asyncio.to_thread(registry.open)
+    started = time.monotonic()
+    await sync(registry)
+    registry.ready = True
+    reload_log.info(
+        "certificates synced",
+        extra={"domains": len(registry.entries), "seconds": round(time.monotonic() - started, 3)},
+    )
+
+    async def rescans() -> None:
+        # 3. the safety net for events the watcher missed
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), rescan_interval)
+            except TimeoutError:
+                await sync(registry)
+
+    rescan_task = create_task(rescans(), name="edgeproxy.rescan")
+    try:
+        # 2. changed domains only
+        async for domains in source.changes(stop):
+            if RESCAN_ALL in domains:
+                await sync(registry)
+            else:
+                await _refresh(registry, domains)
+    finally:
+        rescan_task.cancel()
+
+
+async def watch_served(
+    store: CertStore,
+    stop: asyncio.Event,
+    *,
+    step_ms: int,
+    rescan_interval: float,
+    on_change: Callable[[], None],
+) -> None:
+    """Worker side: follow the served folder the registry publishes into."""
+    served: Path = store.dir
+    served.mkdir(parents=True, exist_ok=True)
+    loop = asyncio.get_running_loop()
+
+    def rescan() -> None:
+        if stop.is_set():
+            return
+        store.scan()
+        on_change()
+        loop.call_later(rescan_interval, rescan)
+
+    loop.call_later(rescan_interval, rescan)
+    async for batch in awatch(
+        served,
+        stop_event=stop,
+        step=step_ms,
+        debounce=200,
+        watch_filter=lambda _c, p: p.endswith(SERVED_SUFFIX),
+        recursive=False,
+    ):
+        for _, path in batch:
+            name = Path(path).name
+            if not name.startswith("."):
+                store.refresh(name[: -len(SERVED_SUFFIX)])
+        on_change()

@@ -1,0 +1,277 @@
+"""CertRegistry: validates what a source holds and publishes what the workers may serve.
+
+Rules:
+- One registry per edge (in the control process), so each change is validated once and
+  each metric and reminder has one author, however many workers there are.
+- A bundle that passes validation is written to `<state>/served/<domain>.pem` (key + chain,
+  mode 0600, temp file + fsync + rename): that folder is all the workers ever read.
+- A bundle that fails never replaces the served one: the last good bundle stays served, the
+  domain is flagged `invalid` with the reasons, and `rejected` is counted.
+- A domain gone from the source is removed from the served folder (`removed`).
+- `<state>/index.json` remembers which source version was validated with what result, so a
+  restart re-validates only what changed while the edge was down.
+
+Theory of operation: `changed()` compares the source's cheap version listing with the index;
+`refresh(domain)` reads, validates and publishes one domain. Both run in a thread (they do
+file I/O and RSA work); a lock guards the entries they share with the metrics collector.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from pathlib import Path
+
+from cryptography import x509
+
+from edgeproxy.logging import reload_log
+from edgeproxy.tls.bundle import EXPIRY_WARNING_DAYS, Verdict, validate_bundle
+from edgeproxy.tls.source import BundleSource, InFlight
+from edgeproxy.tls.store import SERVED_SUFFIX
+
+INDEX_VERSION = 1
+
+
+class CertState(Enum):
+    ACTIVE = "active"
+    EXPIRING = "expiring"
+    EXPIRED = "expired"
+    INVALID = "invalid"
+
+
+@dataclass
+class Served:
+    """What is being served for a domain (never the key)."""
+
+    version: str
+    not_after: float
+    cert_sha256: str
+    spki_sha256: str
+    validated_at: float
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Entry:
+    domain: str
+    served: Served | None = None
+    rejected_version: str | None = None
+    """The source version that failed validation (not retried until it changes)."""
+    errors: list[str] = field(default_factory=list)
+    updated_at: float = 0.0
+
+    def state(self, now: float) -> CertState:
+        if self.errors or self.served is None:
+            return CertState.INVALID
+        left = self.served.not_after - now
+        if left <= 0:
+            return CertState.EXPIRED
+        if left < EXPIRY_WARNING_DAYS * 86400:
+            return CertState.EXPIRING
+        return CertState.ACTIVE
+
+
+class CertRegistry:
+    def __init__(
+        self,
+        source: BundleSource,
+        state_dir: Path,
+        roots: Callable[[], tuple[x509.Certificate, ...]],
+    ) -> None:
+        self.source = source
+        self.state_dir = state_dir
+        self.served_dir = state_dir / "served"
+        self.index_file = state_dir / "index.json"
+        self._roots = roots
+        self._lock = threading.Lock()
+        self.entries: dict[str, Entry] = {}
+        self.counts = {"loaded": 0, "rejected": 0, "removed": 0}
+        self.last_success: float | None = None
+        self.ready = False
+        self.dirty = False
+
+    # --- persistence ---------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Create the state folders and load the index of earlier validations."""
+        for d in (self.state_dir, self.served_dir):
+            d.mkdir(parents=True, exist_ok=True)
+            os.chmod(d, 0o700)
+        try:
+            doc = json.loads(self.index_file.read_text())
+            if doc.get("version") != INDEX_VERSION:
+                raise ValueError("index version")
+            for domain, raw in doc["domains"].items():
+                served = Served(**raw["served"]) if raw.get("served") else None
+                if (
+                    served is not None
+                    and not (self.served_dir / f"{domain}{SERVED_SUFFIX}").exists()
+                ):
+                    served = None  # the served file is gone: validate again
+                self.entries[domain] = Entry(
+                    domain,
+                    served,
+                    raw.get("rejected_version"),
+                    raw.get("errors", []),
+                    raw.get("updated_at", 0.0),
+                )
+        except FileNotFoundError:
+            pass
+        except (ValueError, KeyError, TypeError) as exc:
+            reload_log.warning(
+                "ignoring unreadable index %s (%s); validating everything", self.index_file, exc
+            )
+            self.entries.clear()
+
+    def save(self) -> None:
+        with self._lock:
+            doc = {
+                "version": INDEX_VERSION,
+                "domains": {d: asdict(e) for d, e in self.entries.items()},
+            }
+            self.dirty = False
+        _atomic_write(self.index_file, json.dumps(doc, separators=(",", ":")).encode())
+
+    # --- reconciling with the source -----------------------------------------------------
+
+    def changed(self) -> set[str]:
+        """Domains whose source version differs from what was validated, or that are gone."""
+        versions = self.source.versions()
+        with self._lock:
+            out = {d for d in set(self.entries) - set(versions)}
+            for domain, version in versions.items():
+                e = self.entries.get(domain)
+                if e is None or (
+                    (e.served is None or e.served.version != version)
+                    and e.rejected_version != version
+                ):
+                    out.add(domain)
+        return out
+
+    def refresh(self, domain: str) -> str:
+        """Validate and publish one domain. Returns loaded|rejected|removed|unchanged|inflight."""
+        try:
+            bundle = self.source.read(domain)
+        except InFlight:
+            return "inflight"
+        now = time.time()
+        if bundle is None:
+            with self._lock:
+                entry = self.entries.pop(domain, None)
+            if entry is None:
+                return "unchanged"
+            _unlink(self.served_dir / f"{domain}{SERVED_SUFFIX}")
+            self._count("removed", domain)
+            reload_log.info("certificate removed", extra={"domain": domain})
+            return "removed"
+        with self._lock:
+            entry = self.entries.get(domain)
+            if entry is not None and (
+                (
+                    entry.served is not None
+                    and entry.served.version == bundle.version
+                    and not entry.errors
+                )
+                or entry.rejected_version == bundle.version
+            ):
+                return "unchanged"
+            others = {
+                d: e.served.spki_sha256
+                for d, e in self.entries.items()
+                if e.served is not None and d != domain
+            }
+        verdict = validate_bundle(
+            bundle, roots=self._roots(), other_keys=others, enforce_unique_key=False
+        )
+        if not verdict.ok:
+            return self._reject(domain, bundle.version, verdict, now)
+        _atomic_write(self.served_dir / f"{domain}{SERVED_SUFFIX}", verdict.served_pem)
+        assert verdict.not_after is not None and verdict.cert_sha256 and verdict.spki_sha256
+        served = Served(
+            bundle.version,
+            verdict.not_after.timestamp(),
+            verdict.cert_sha256,
+            verdict.spki_sha256,
+            now,
+            list(verdict.warnings),
+        )
+        with self._lock:
+            self.entries[domain] = Entry(domain, served, None, [], now)
+            self.last_success = now
+        self._count("loaded", domain)
+        for warning in verdict.warnings:
+            reload_log.warning("%s", warning, extra={"domain": domain})
+        reload_log.info(
+            "certificate loaded",
+            extra={
+                "domain": domain,
+                "cert_sha256": verdict.cert_sha256[:16],
+                "not_after": verdict.not_after.isoformat(),
+                "origin": bundle.origin,
+            },
+        )
+        return "loaded"
+
+    def _reject(self, domain: str, version: str, verdict: Verdict, now: float) -> str:
+        errors = [str(e) for e in verdict.errors]
+        with self._lock:
+            entry = self.entries.setdefault(domain, Entry(domain))
+            entry.rejected_version = version
+            entry.errors = errors
+            entry.updated_at = now
+            kept = entry.served is not None
+        self._count("rejected", domain)
+        reload_log.warning(
+            "certificate bundle for %s rejected%s: %s",
+            domain,
+            "; keeping the last good one" if kept else "",
+            "; ".join(errors),
+            extra={"domain": domain, "errors": errors, "kept_last_good": kept},
+        )
+        return "rejected"
+
+    def _count(self, result: str, domain: str) -> None:
+        with self._lock:
+            self.counts[result] += 1
+            self.dirty = True
+
+    # --- reading, for metrics and the admin API ------------------------------------------
+
+    def snapshot(self) -> list[Entry]:
+        with self._lock:
+            return list(self.entries.values())
+
+    def __iter__(self) -> Iterator[Entry]:
+        return iter(self.snapshot())
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """temp file in the same folder (mode 0600) + fsync + rename: readers see old or new."""
+    tmp = path.with_name(f".tmp-{os.getpid()}-{threading.get_ident()}-{path.name}.part")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink(tmp)
+        raise
+
+
+def _unlink(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+def utc(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat()

@@ -1,0 +1,156 @@
+"""Where certificate bundles come from: the one small interface the registry reads.
+
+A source answers three questions: which domains exist and at which version (cheap, no
+parsing), what are one domain's bytes now, and which domains may have changed (an async
+stream). The folder source is the first; a distributed store (etcd) will implement the same
+three methods, so nothing downstream assumes the bytes came from a local file.
+
+Rules for the folder source:
+- `<dir>/<domain>/fullchain.pem` + `privkey.pem`, symlinks followed (the Kubernetes secret
+  layout, files linked through an atomically swapped `..data`, included).
+- A version is the (device, inode, mtime, size) of both files after following links, so a
+  rewrite, a rename over, or a `..data` swap all change it.
+- A domain is removed when its folder is; a folder missing one of its files is a write in
+  progress, and the last good bundle stays served.
+- A read that races a write (the version moves while reading) raises `InFlight`; the next
+  change event, or the retry the registry schedules, reads it again. A half-written file is
+  never handed over as if it were complete.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Protocol
+
+from watchfiles import Change, awatch
+
+from edgeproxy.tls.bundle import BundleBytes
+from edgeproxy.tls.store import is_domain_name
+
+FULLCHAIN = "fullchain.pem"
+PRIVKEY = "privkey.pem"
+RESCAN_ALL = "*"
+"""Yielded by `changes()` when anything may have changed (a swapped top-level link)."""
+
+
+class InFlight(Exception):
+    """The bundle changed while it was being read; read it again shortly."""
+
+
+class BundleSource(Protocol):
+    def versions(self) -> dict[str, str]:
+        """Every domain the source holds, with its current version."""
+        ...
+
+    def read(self, domain: str) -> BundleBytes | None:
+        """The domain's bundle now, or None when it is gone. May raise InFlight."""
+        ...
+
+    def changes(self, stop: asyncio.Event) -> AsyncIterator[set[str]]:
+        """Sets of domains that may have changed, until `stop` is set."""
+        ...
+
+
+class DirectorySource:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        step_ms: int = 20,
+        debounce_ms: int = 200,
+        force_polling: bool = False,
+        ignore: Path | None = None,
+    ) -> None:
+        """
+        Parameters:
+            root: the certificates folder.
+            step_ms: quiet time after the last file event before changes are reported.
+            debounce_ms: longest time events are grouped while writes keep coming.
+            force_polling: poll instead of inotify (network filesystems, no inotify).
+            ignore: a folder below `root` whose changes are not bundles (the edge's state).
+        """
+        self.root = root.absolute()
+        self.step_ms = step_ms
+        self.debounce_ms = debounce_ms
+        self.force_polling = force_polling
+        self.ignore = ignore.absolute() if ignore is not None else None
+
+    def _version(self, folder: Path) -> str | None:
+        try:
+            a = os.stat(folder / FULLCHAIN)
+            b = os.stat(folder / PRIVKEY)
+        except OSError:
+            return None
+        return (
+            f"{a.st_dev}:{a.st_ino}:{a.st_mtime_ns}:{a.st_size}/"
+            f"{b.st_dev}:{b.st_ino}:{b.st_mtime_ns}:{b.st_size}"
+        )
+
+    def versions(self) -> dict[str, str]:
+        out: dict[str, str] = {}
+        try:
+            entries = list(os.scandir(self.root))
+        except FileNotFoundError:
+            return out
+        for entry in entries:
+            if entry.name.startswith(".") or not is_domain_name(entry.name):
+                continue
+            version = self._version(Path(entry.path))
+            if version is not None:
+                out[entry.name] = version
+        return out
+
+    def read(self, domain: str) -> BundleBytes | None:
+        folder = self.root / domain
+        before = self._version(folder)
+        if before is None:
+            if folder.is_dir():
+                # Files being replaced (rm + cp): not a removal; removing the folder is.
+                raise InFlight(f"{folder} is missing {FULLCHAIN} or {PRIVKEY}")
+            return None
+        try:
+            fullchain = (folder / FULLCHAIN).read_bytes()
+            privkey = (folder / PRIVKEY).read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise InFlight(str(exc)) from exc
+        if self._version(folder) != before:
+            raise InFlight(f"{folder} changed while it was read")
+        return BundleBytes(domain, fullchain, privkey, origin=str(folder), version=before)
+
+    def _domain_of(self, path: str) -> str | None:
+        try:
+            rel = Path(path).relative_to(self.root)
+        except ValueError:
+            return RESCAN_ALL
+        if not rel.parts:
+            return RESCAN_ALL
+        first = rel.parts[0]
+        if first.startswith(".."):
+            return RESCAN_ALL  # a Kubernetes-style swap of the whole folder
+        if first.startswith("."):
+            return None
+        return first if is_domain_name(first) else None
+
+    def _keep(self, _change: Change, path: str) -> bool:
+        return self.ignore is None or not path.startswith(str(self.ignore))
+
+    async def changes(self, stop: asyncio.Event) -> AsyncIterator[set[str]]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        async for batch in awatch(
+            self.root,
+            watch_filter=self._keep,
+            stop_event=stop,
+            step=self.step_ms,
+            debounce=self.debounce_ms,
+            force_polling=self.force_polling or None,
+            poll_delay_ms=300,
+            recursive=True,
+        ):
+            domains = {d for _, path in batch if (d := self._domain_of(path)) is not None}
+            if domains:
+                yield domains

@@ -1,0 +1,144 @@
+"""The registry over a real certificates folder: validate, publish, keep the last good."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import trustme
+from cryptography import x509
+
+from edgeproxy.tls.registry import CertRegistry, CertState
+from edgeproxy.tls.source import DirectorySource, InFlight
+from tests.conftest import RSA, write_bundle
+
+
+@pytest.fixture
+def roots(ca: trustme.CA):
+    r = (x509.load_pem_x509_certificate(ca.cert_pem.bytes()),)
+    return lambda: r
+
+
+def _registry(tmp_path: Path, roots) -> CertRegistry:
+    certs = tmp_path / "certs"
+    certs.mkdir(exist_ok=True)
+    reg = CertRegistry(DirectorySource(certs), tmp_path / "state", roots)
+    reg.open()
+    return reg
+
+
+def _sync(reg: CertRegistry) -> dict[str, str]:
+    return {d: reg.refresh(d) for d in sorted(reg.changed())}
+
+
+def test_good_bundle_is_published_with_a_private_mode(tmp_path, intermediate, roots):
+    reg = _registry(tmp_path, roots)
+    write_bundle(tmp_path / "certs", "t.a.test", intermediate)
+    assert _sync(reg) == {"t.a.test": "loaded"}
+    served = tmp_path / "state" / "served" / "t.a.test.pem"
+    assert served.read_bytes().startswith(b"-----BEGIN PRIVATE KEY-----")
+    assert oct(served.stat().st_mode & 0o777) == "0o600"
+    assert oct((tmp_path / "state").stat().st_mode & 0o777) == "0o700"
+    assert reg.entries["t.a.test"].state(0) == CertState.ACTIVE
+    assert reg.counts == {"loaded": 1, "rejected": 0, "removed": 0}
+
+
+def test_bad_rewrite_keeps_the_last_good_bundle(tmp_path, intermediate, roots, caplog):
+    reg = _registry(tmp_path, roots)
+    write_bundle(tmp_path / "certs", "t.a.test", intermediate)
+    _sync(reg)
+    served = tmp_path / "state" / "served" / "t.a.test.pem"
+    good = served.read_bytes()
+    (tmp_path / "certs" / "t.a.test" / "privkey.pem").write_text("garbage")
+    assert _sync(reg) == {"t.a.test": "rejected"}
+    assert served.read_bytes() == good
+    entry = reg.entries["t.a.test"]
+    assert entry.served is not None and entry.state(0) == CertState.INVALID
+    assert "privkey.pem: not a PEM private key" in entry.errors[0]
+    assert "keeping the last good one" in caplog.text
+    assert _sync(reg) == {}  # the same bad version is not retried until it changes
+
+
+def test_wildcard_is_rejected_and_never_served(tmp_path, intermediate, roots):
+    reg = _registry(tmp_path, roots)
+    leaf = intermediate.issue_cert("*.a.test", key_type=RSA)
+    folder = tmp_path / "certs" / "t.a.test"
+    folder.mkdir(parents=True)
+    (folder / "fullchain.pem").write_bytes(b"".join(b.bytes() for b in leaf.cert_chain_pems))
+    (folder / "privkey.pem").write_bytes(leaf.private_key_pem.bytes())
+    assert _sync(reg) == {"t.a.test": "rejected"}
+    assert not (tmp_path / "state" / "served" / "t.a.test.pem").exists()
+
+
+def test_removing_the_folder_removes_the_domain(tmp_path, intermediate, roots):
+    reg = _registry(tmp_path, roots)
+    write_bundle(tmp_path / "certs", "t.a.test", intermediate)
+    _sync(reg)
+    for f in (tmp_path / "certs" / "t.a.test").iterdir():
+        f.unlink()
+    with pytest.raises(InFlight):  # files gone but the folder is there: a write in progress
+        reg.source.read("t.a.test")
+    assert reg.refresh("t.a.test") == "inflight"
+    (tmp_path / "certs" / "t.a.test").rmdir()
+    assert _sync(reg) == {"t.a.test": "removed"}
+    assert not (tmp_path / "state" / "served" / "t.a.test.pem").exists()
+
+
+def test_a_shared_key_on_disk_is_served_with_a_warning(tmp_path, intermediate, roots, caplog):
+    reg = _registry(tmp_path, roots)
+    write_bundle(tmp_path / "certs", "t.a.test", intermediate)
+    _sync(reg)
+    folder = tmp_path / "certs" / "t.b.test"
+    folder.mkdir()
+    key = (tmp_path / "certs" / "t.a.test" / "privkey.pem").read_bytes()
+    # a certificate for t.b.test on t.a.test's key
+    from cryptography.hazmat.primitives import serialization
+
+    from edgeproxy.demo import Issuer, issue_leaf, pem
+
+    cert, _ = issue_leaf(
+        Issuer(intermediate._certificate, intermediate._private_key),
+        "t.b.test",
+        key=serialization.load_pem_private_key(key, None),
+    )  # type: ignore[arg-type]
+    (folder / "fullchain.pem").write_bytes(pem(cert) + intermediate.cert_pem.bytes())
+    (folder / "privkey.pem").write_bytes(key)
+    assert _sync(reg) == {"t.b.test": "loaded"}
+    assert "already registered for t.a.test" in caplog.text
+
+
+def test_restart_revalidates_only_what_changed(tmp_path, intermediate, roots):
+    reg = _registry(tmp_path, roots)
+    for d in ("t.a.test", "t.b.test"):
+        write_bundle(tmp_path / "certs", d, intermediate)
+    _sync(reg)
+    reg.save()
+    write_bundle(tmp_path / "certs", "t.b.test", intermediate)  # changed while down
+    again = _registry(tmp_path, roots)
+    assert again.changed() == {"t.b.test"}
+
+
+def test_kubernetes_secret_layout(tmp_path, intermediate, roots):
+    """Files linked through ..data, swapped atomically, are followed and picked up."""
+    reg = _registry(tmp_path, roots)
+    folder = tmp_path / "certs" / "t.k.test"
+    folder.mkdir()
+
+    def publish(gen: str) -> None:
+        data = folder / gen
+        data.mkdir()
+        leaf = intermediate.issue_cert("t.k.test", key_type=RSA)
+        (data / "fullchain.pem").write_bytes(b"".join(b.bytes() for b in leaf.cert_chain_pems))
+        (data / "privkey.pem").write_bytes(leaf.private_key_pem.bytes())
+        os.symlink(gen, folder / "..data_tmp")
+        os.replace(folder / "..data_tmp", folder / "..data")
+
+    publish("..2026_11_27_a")
+    for name in ("fullchain.pem", "privkey.pem"):
+        os.symlink(f"..data/{name}", folder / name)
+    assert _sync(reg) == {"t.k.test": "loaded"}
+    first = reg.entries["t.k.test"].served
+    publish("..2026_11_27_b")
+    assert _sync(reg) == {"t.k.test": "loaded"}
+    assert reg.entries["t.k.test"].served.cert_sha256 != first.cert_sha256
