@@ -38,6 +38,28 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--backend-port", type=int, default=8081)
     demo.add_argument("--metrics-port", type=int, default=9100)
 
+    cert = sub.add_parser("cert", help="certificate tools").add_subparsers(
+        dest="cert_command", required=True
+    )
+    check_cert = cert.add_parser(
+        "check", help="check a bundle against the registration rules (offline)"
+    )
+    check_cert.add_argument(
+        "--domain", required=True, help="the registered host, e.g. t.example.com"
+    )
+    check_cert.add_argument("--fullchain", type=Path, required=True)
+    check_cert.add_argument("--key", type=Path, required=True)
+    check_cert.add_argument(
+        "--trust-bundle", type=Path, default=None, help="extra PEM roots (private CAs)"
+    )
+    check_cert.add_argument(
+        "--certs-dir",
+        type=Path,
+        default=None,
+        help="registered domains whose keys this one must not reuse",
+    )
+    check_cert.add_argument("--json", action="store_true", help="machine-readable verdict")
+
     backend = sub.add_parser("demo-backend", help="run only the demo tracking backend")
     backend.add_argument("--port", type=int, default=8081)
     return p
@@ -75,6 +97,17 @@ def _dispatch(args: argparse.Namespace) -> int:
         from edgeproxy.demo import run_demo
 
         return run_demo(args.state_dir, args.port, args.backend_port, args.metrics_port)
+    if args.command == "cert":
+        from edgeproxy.certcheck import check_files
+
+        return check_files(
+            args.domain,
+            args.fullchain,
+            args.key,
+            trust_bundle=args.trust_bundle,
+            certs_dir=args.certs_dir,
+            as_json=args.json,
+        )
     if args.command == "demo-backend":
         from edgeproxy.demo import run_backend
 
