@@ -32,7 +32,13 @@ INFLIGHT_RETRIES = 20
 INFLIGHT_DELAY = 0.1
 
 
-async def _refresh(registry: CertRegistry, domains: set[str]) -> None:
+RECHECK_AFTER = (0.3, 1.5)
+"""A rejected bundle is looked at again after these delays: inotify can miss the writes
+that complete a file in a folder created an instant earlier (before its watch exists)."""
+
+
+async def _refresh(registry: CertRegistry, domains: set[str], *, recheck: bool = True) -> None:
+    rejected = set()
     for domain in sorted(domains):
         for _ in range(INFLIGHT_RETRIES):
             outcome = await asyncio.to_thread(registry.refresh, domain)
@@ -45,8 +51,18 @@ async def _refresh(registry: CertRegistry, domains: set[str]) -> None:
                 domain,
                 extra={"domain": domain},
             )
+        if outcome == "rejected":
+            rejected.add(domain)
     if registry.dirty:
         await asyncio.to_thread(registry.save)
+    if rejected and recheck:
+        create_task(_recheck(registry, rejected), name="edgeproxy.recheck")
+
+
+async def _recheck(registry: CertRegistry, domains: set[str]) -> None:
+    for delay in RECHECK_AFTER:
+        await asyncio.sleep(delay)
+        await _refresh(registry, domains, recheck=False)  # an unchanged version costs a read
 
 
 async def sync(registry: CertRegistry) -> None:
