@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -62,6 +63,7 @@ _REASONS = {
     413: b"Content Too Large",
     421: b"Misdirected Request",
     431: b"Request Header Fields Too Large",
+    501: b"Not Implemented",
     499: b"Client Closed Request",
     502: b"Bad Gateway",
     503: b"Service Unavailable",
@@ -74,6 +76,7 @@ _ERROR_CODES = {
     413: "body_too_large",
     421: "misdirected_request",
     431: "headers_too_large",
+    501: "not_implemented",
     502: "bad_gateway",
     503: "draining",
     504: "gateway_timeout",
@@ -138,6 +141,8 @@ class Request:
         "started",
         "discard",
         "status",
+        "host",
+        "refusal",
     )
 
     def __init__(self) -> None:
@@ -161,6 +166,10 @@ class Request:
         self.discard = False
         """The edge answered without forwarding: body bytes are dropped."""
         self.status = 0
+        self.host = b""
+        """The checked authority (host[:port]) sent upstream as Host."""
+        self.refusal: tuple[int, str] | None = None
+        """Found while parsing (bad framing, body over the limit): answered when its turn comes."""
 
 
 class ClientConnection(asyncio.Protocol):
@@ -185,6 +194,9 @@ class ClientConnection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._write_paused = False
         self._write_waiter: UpstreamConnection | None = None
+        self._in_head = False
+        self._head_bytes = 0
+        self._in_trailers = False
 
     # --- connection lifecycle --------------------------------------------------------------
 
@@ -233,6 +245,13 @@ class ClientConnection(asyncio.Protocol):
             if self.queue and self.queue[0].exchange is not None:
                 self.queue[0].exchange.touch()
             return
+        if self._in_head:
+            # llhttp hands a header over only once its value is complete; count raw bytes so a
+            # value streaming without a line end can't grow past the limit meanwhile.
+            self._head_bytes += len(data)
+            if self._head_bytes > self.ctx.settings.server.max_header_bytes + 65536:
+                self._reject(431)
+                return
         try:
             self.parser.feed_data(data)  # type: ignore[union-attr]
         except httptools.HttpParserUpgrade as exc:
@@ -244,13 +263,16 @@ class ClientConnection(asyncio.Protocol):
             cause = exc.__context__ or exc.__cause__
             if isinstance(cause, _HeadersTooLarge):
                 self._reject(431)
+            elif cause is not None and not isinstance(cause, httptools.HttpParserError):
+                raise cause from exc  # our bug, not the client's: let the loop log it
             else:
                 self._reject(400)
 
     def eof_received(self) -> bool | None:
-        # A client half-close ends the connection once the response in flight is written.
+        # Over TLS a half-close can't be kept open (asyncio's SSL transport ignores True), so
+        # a client that stops sending has ended the connection.
         self.eof = True
-        return bool(self.queue)
+        return False
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -320,6 +342,9 @@ class ClientConnection(asyncio.Protocol):
         req = Request()
         req.header_bytes = 1
         self.current = req
+        self._in_head = True
+        self._head_bytes = 0
+        self._in_trailers = False
         if not self.queue:
             self._arm(self.ctx.settings.server.header_timeout, self._on_header_timeout)
 
@@ -334,7 +359,9 @@ class ClientConnection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         req = self.current
         assert req is not None
-        req.headers.append((name, value))
+        if not self._in_trailers:
+            req.headers.append((name, value))
+        # Chunked trailers are counted but dropped: they must never reach the forwarded head.
         req.header_bytes += len(name) + len(value) + 4
         server = self.ctx.settings.server
         if req.header_bytes > server.max_header_bytes or len(req.headers) > server.max_headers:
@@ -349,6 +376,9 @@ class ClientConnection(asyncio.Protocol):
         req.keep_alive = parser.should_keep_alive()
         req.upgrade = parser.should_upgrade()
         req.started = time.perf_counter()
+        self._in_head = False
+        self._in_trailers = True
+        _read_framing(req, self.ctx.settings.server.max_body_bytes)
         self.queue.append(req)
         if len(self.queue) == 1:
             self._disarm()
@@ -360,8 +390,13 @@ class ClientConnection(asyncio.Protocol):
         req.body_size += len(body)
         if req.discard:
             return
-        if req.chunked and req.body_size > self.ctx.settings.server.max_body_bytes:
-            self._body_too_large(req)
+        if req.body_size > self.ctx.settings.server.max_body_bytes:
+            if self.queue and self.queue[0] is req:
+                self._body_too_large(req)
+            else:  # pipelined: answered 413 when its turn comes
+                req.refusal = (413, "request body over the limit")
+                req.discard = True
+                req.chunks = []
             return
         ex = req.exchange
         if ex is not None and ex.conn is not None:
@@ -383,7 +418,7 @@ class ClientConnection(asyncio.Protocol):
         if self.queue and self.queue[0] is not req:
             # Pipelined behind a response still in progress: read no further for now.
             self._pause(_PAUSE_PIPELINE)
-        elif self.queue and req.discard and req.exchange is None:
+        elif self.queue and req.discard and req.exchange is None and req.status:
             self._finish_local(req)
 
     # --- request dispatch ------------------------------------------------------------------
@@ -393,21 +428,9 @@ class ClientConnection(asyncio.Protocol):
         if self.transport is None or self.transport.is_closing():
             return  # already answered and closing: the rest of the read buffer is ignored
         ctx = self.ctx
-        headers = req.headers
-        host: bytes | None = None
-        for name, value in headers:
-            low = name.lower()
-            if low == b"host":
-                if host is not None:
-                    return self._respond(req, 400, "two Host headers")
-                host = value
-            elif low == b"content-length":
-                try:
-                    req.content_length = int(value)
-                except ValueError:
-                    return self._respond(req, 400, "bad Content-Length")
-            elif low == b"transfer-encoding":
-                req.chunked = True
+        if req.refusal is not None:
+            return self._respond(req, *req.refusal)
+        host: bytes | None = req.host or None
         target = req.target
         if target.startswith(b"/"):
             path = target.split(b"?", 1)[0]
@@ -418,6 +441,8 @@ class ClientConnection(asyncio.Protocol):
             except httptools.HttpParserInvalidURLError:
                 return self._respond(req, 400, "invalid request target")
             host = url.host or b""
+            if url.port:
+                host += b":%d" % url.port
             path = url.path or b"/"
             req.target = path + (b"?" + url.query if url.query else b"")
         else:
@@ -426,8 +451,11 @@ class ClientConnection(asyncio.Protocol):
             if req.version != "1.0":
                 return self._respond(req, 400, "missing Host header")
             host = self.sni.encode()
+        if not _HOST_RE.match(host):
+            return self._respond(req, 400, "invalid Host")
         if _host_name(host) != self.sni:
             return self._respond(req, 421, "this connection serves another host")
+        req.host = host
         if not is_safe_path(path):
             return self._respond(req, 400, "dot segments are not allowed in the path")
         req.path = path
@@ -435,9 +463,6 @@ class ClientConnection(asyncio.Protocol):
         if target_route is None:
             return self._respond(req, 404, "no such route")
         req.route = target_route.prefix
-        limit = ctx.settings.server.max_body_bytes
-        if req.content_length is not None and req.content_length > limit:
-            return self._respond(req, 413, f"request body over {limit} bytes")
         if ctx.draining:
             return self._respond(req, 503, "the edge is shutting down")
         if req.upgrade and not target_route.long_lived:
@@ -552,10 +577,24 @@ class ClientConnection(asyncio.Protocol):
             transport.close()
             return
         if self.queue:
-            self._start(self.queue[0])
+            # Next turn of the loop, not a nested call: a long pipeline of requests answered
+            # by the edge would otherwise recurse once per request.
+            asyncio.get_running_loop().call_soon(self._start_next)
+            return
         self._resume(_PAUSE_PIPELINE)
-        if not self.queue and self.current is None:
+        if self.current is not None:  # a pipelined request still arriving: bound its head
+            self._arm(ctx.settings.server.header_timeout, self._on_header_timeout)
+        else:
             self._arm(ctx.settings.server.keepalive_timeout, self._on_idle_timeout)
+
+    def _start_next(self) -> None:
+        if self.closed or not self.queue:
+            return
+        head = self.queue[0]
+        if head.exchange is None and not head.status:
+            self._start(head)
+        if self.queue and self.queue[0] is head and head.exchange is not None:
+            self._resume(_PAUSE_PIPELINE)
 
     def drain(self) -> None:
         """Shutting down: close now if idle, else after the response in flight."""
@@ -571,6 +610,36 @@ class ClientConnection(asyncio.Protocol):
         self._paused = 0
         if self.transport is not None:
             self.transport.resume_reading()
+
+
+# reg-name or [IPv6], then an optional port: anything else in Host is refused (RFC 9110 7.2).
+_HOST_RE = re.compile(rb"^(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?$")
+
+
+def _read_framing(req: Request, max_body: int) -> None:
+    """Host, Content-Length and Transfer-Encoding, read once when the headers are complete.
+
+    Anything wrong is kept as `req.refusal` and answered when the request's turn comes.
+    """
+    for name, value in req.headers:
+        low = name.lower()
+        if low == b"host":
+            if req.host:
+                req.refusal = (400, "two Host headers")
+            req.host = value.strip()
+        elif low == b"content-length":
+            try:
+                req.content_length = int(value)
+            except ValueError:
+                req.refusal = (400, "bad Content-Length")
+        elif low == b"transfer-encoding":
+            req.chunked = True
+            codings = [c.strip().lower() for c in value.split(b",")]
+            if codings != [b"chunked"]:
+                # RFC 9112 6.1: a coding the edge can't decode is 501, never passed through
+                req.refusal = (501, "only the chunked transfer coding is supported")
+    if req.content_length is not None and req.content_length > max_body:
+        req.refusal = (413, f"request body over {max_body} bytes")
 
 
 def _host_name(host: bytes) -> str:
@@ -626,6 +695,8 @@ class Exchange:
     # --- setting up ------------------------------------------------------------------------
 
     async def run(self) -> None:
+        if self.finished:
+            return  # the client left before this task got its turn
         ctx = self.client.ctx
         proxy = ctx.settings.proxy
         loop = asyncio.get_running_loop()
@@ -684,10 +755,12 @@ class Exchange:
         req = self.req
         client = self.client
         ctx = client.ctx
-        drop = FORWARDING | {b"expect"} if _expects_continue(req) else FORWARDING
-        headers = end_to_end(req.headers, drop)
-        if not any(n.lower() == b"host" for n, _ in headers):
-            headers.append((b"Host", client.sni.encode()))
+        # Host and framing are rebuilt from what the edge checked and parsed, never copied: a
+        # header named in Connection, or a second copy, can't change what upstream reads.
+        headers = [(b"Host", req.host or client.sni.encode())]
+        headers += end_to_end(req.headers, _REBUILT)
+        if req.content_length is not None and not req.chunked:
+            headers.append((b"Content-Length", b"%d" % req.content_length))
         headers += forwarding_headers(
             req.headers, client.peer, client.sni.encode(), ctx.settings.server.trusted_proxies
         )
@@ -727,6 +800,12 @@ class Exchange:
         self.status = status
         out = end_to_end(headers)
         close = not req.keep_alive or client.ctx.draining or req.version == "1.0"
+        if status == 101 and not (req.upgrade and self.target.long_lived):
+            # Switching protocols was never asked for here: don't hand the client a tunnel.
+            self.head_sent = False
+            client.ctx.upstream_error(self.target.prefix, "broken")
+            self.fail(502, "upstream switched protocols unasked", kind=None)
+            return
         if status == 101:
             upgrade = next((v for n, v in headers if n.lower() == b"upgrade"), b"websocket")
             out += [(b"Connection", b"Upgrade"), (b"Upgrade", upgrade)]
@@ -862,6 +941,13 @@ class Exchange:
         conn, self.conn = self.conn, None
         if conn is None:
             return
+        client = self.client
+        if client._write_waiter is conn:
+            # Paused for this client's slow reading: that pause must not travel into the pool.
+            client._write_waiter = None
+            if conn.transport is not None and not conn.closed:
+                conn.transport.resume_reading()
+        client._resume(_PAUSE_UPSTREAM)
         if abort:
             conn.abort()
         elif self.pool is not None:
@@ -883,6 +969,9 @@ class Exchange:
             upstream=upstream,
             bytes_out=self.bytes_out,
         )
+
+
+_REBUILT = FORWARDING | {b"host", b"content-length", b"transfer-encoding", b"expect"}
 
 
 def _phrase(status: int) -> bytes:

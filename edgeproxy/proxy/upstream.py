@@ -24,6 +24,7 @@ import httptools
 
 from edgeproxy.config import ProxySettings
 from edgeproxy.errors import UpstreamTimeout, UpstreamUnavailable
+from edgeproxy.logging import proxy_log
 from edgeproxy.proxy.headers import Header
 
 
@@ -39,6 +40,10 @@ class Sink(Protocol):
     def on_upstream_lost(self, exc: BaseException | None) -> None: ...
     def pause_client(self) -> None: ...
     def resume_client(self) -> None: ...
+
+
+class _Desync(Exception):
+    pass
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -122,6 +127,9 @@ class UpstreamConnection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             sink = self.sink
             self.abort()
+            cause = exc.__context__
+            if cause is not None and not isinstance(cause, httptools.HttpParserError | _Desync):
+                proxy_log.error("error while relaying an upstream response", exc_info=cause)
             if sink is not None:
                 sink.on_upstream_lost(exc)
 
@@ -133,8 +141,8 @@ class UpstreamConnection(asyncio.Protocol):
         sink, self.sink = self.sink, None
         if sink is None:
             return
-        if self._status and not self._framed and not self.tunnel:
-            sink.on_upstream_complete()  # a close-delimited body ends at EOF
+        if self._status and not self._framed and not self.tunnel and exc is None:
+            sink.on_upstream_complete()  # a close-delimited body ends at a clean EOF
         else:
             sink.on_upstream_lost(exc)
 
@@ -149,6 +157,10 @@ class UpstreamConnection(asyncio.Protocol):
     # --- httptools callbacks ---------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        if self.sink is None:
+            # Bytes after a complete response: this connection is out of step with its
+            # upstream, and those bytes must never be read as the next client's response.
+            raise _Desync
         self._headers = []
         self._reason = b""
         self._status = 0

@@ -158,6 +158,20 @@ class RawUpstream:
         elif last == "close":
             t.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nuntil-eof")
             t.close()
+        elif last == "extra":
+            # a complete response, then the start of another nobody asked for
+            t.write(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+                b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\nX-Evil: 1\r\n"
+            )
+            await asyncio.sleep(0.2)
+            if not t.is_closing():
+                t.write(b"\r\nsmuggled!!!")
+        elif last == "switch":
+            t.write(
+                b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n"
+                b"Upgrade: websocket\r\n\r\nraw tunnel bytes"
+            )
         elif last == "status":
             code = int(query.get("code", ["200"])[0])
             t.write(b"HTTP/1.1 %d Custom Reason\r\nContent-Length: 0\r\n\r\n" % code)
