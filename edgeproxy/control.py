@@ -24,6 +24,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from edgeproxy.asyncio_utils import create_task
 from edgeproxy.config import Settings
 from edgeproxy.metrics import CertCollector, CertRow
+from edgeproxy.notify import ExpiryNotifier, run_notifier
 from edgeproxy.reload import run_registry, sync
 from edgeproxy.tls.bundle import trust_store
 from edgeproxy.tls.registry import CertRegistry
@@ -109,6 +110,20 @@ async def serve_control(
     reloader = create_task(
         run_registry(registry, registry.source, stop, certs.rescan_interval), name="registry"
     )
+    nudge = asyncio.Event()
+    registry.on_change = nudge.set
+    notifier = ExpiryNotifier(settings.notify, certs.state / "notified.json")
+    reminders = create_task(
+        run_notifier(
+            notifier,
+            registry.snapshot,
+            lambda: registry.ready,
+            stop,
+            nudge,
+            settings.notify.check_interval,
+        ),
+        name="reminders",
+    )
 
     def check_parent() -> None:
         if os.getppid() != parent_pid:
@@ -119,6 +134,9 @@ async def serve_control(
     loop.call_later(1.0, check_parent)
     await stop.wait()
     reloader.cancel()
+    reminders.cancel()
+    if registry.dirty:
+        await asyncio.to_thread(registry.save)
     await runner.cleanup()
 
 

@@ -37,6 +37,27 @@ RECHECK_AFTER = (0.3, 1.5)
 that complete a file in a folder created an instant earlier (before its watch exists)."""
 
 
+SAVE_DELAY = 2.0
+"""The index is rewritten at most this often: at 100k domains it is tens of MB."""
+_saving: set[int] = set()
+
+
+def _save_soon(registry: CertRegistry) -> None:
+    if id(registry) in _saving:
+        return
+    _saving.add(id(registry))
+
+    async def save() -> None:
+        try:
+            await asyncio.sleep(SAVE_DELAY)
+        finally:
+            _saving.discard(id(registry))
+            if registry.dirty:
+                await asyncio.to_thread(registry.save)
+
+    create_task(save(), name="edgeproxy.save-index")
+
+
 async def _refresh(registry: CertRegistry, domains: set[str], *, recheck: bool = True) -> None:
     rejected = set()
     for domain in sorted(domains):
@@ -54,7 +75,9 @@ async def _refresh(registry: CertRegistry, domains: set[str], *, recheck: bool =
         if outcome == "rejected":
             rejected.add(domain)
     if registry.dirty:
-        await asyncio.to_thread(registry.save)
+        _save_soon(registry)
+    if registry.on_change is not None:
+        registry.on_change()
     if rejected and recheck:
         create_task(_recheck(registry, rejected), name="edgeproxy.recheck")
 

@@ -95,6 +95,8 @@ class CertRegistry:
         self.last_success: float | None = None
         self.ready = False
         self.dirty = False
+        self.on_change: Callable[[], None] | None = None
+        """Called (on the event loop) after a batch of changes was applied."""
 
     # --- persistence ---------------------------------------------------------------------
 
@@ -136,7 +138,7 @@ class CertRegistry:
                 "domains": {d: asdict(e) for d, e in self.entries.items()},
             }
             self.dirty = False
-        _atomic_write(self.index_file, json.dumps(doc, separators=(",", ":")).encode())
+        atomic_write(self.index_file, json.dumps(doc, separators=(",", ":")).encode())
 
     # --- reconciling with the source -----------------------------------------------------
 
@@ -191,7 +193,7 @@ class CertRegistry:
         )
         if not verdict.ok:
             return self._reject(domain, bundle.version, verdict, now)
-        _atomic_write(self.served_dir / f"{domain}{SERVED_SUFFIX}", verdict.served_pem)
+        atomic_write(self.served_dir / f"{domain}{SERVED_SUFFIX}", verdict.served_pem)
         assert verdict.not_after is not None and verdict.cert_sha256 and verdict.spki_sha256
         served = Served(
             bundle.version,
@@ -251,7 +253,7 @@ class CertRegistry:
         return iter(self.snapshot())
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes) -> None:
     """temp file in the same folder (mode 0600) + fsync + rename: readers see old or new."""
     tmp = path.with_name(f".tmp-{os.getpid()}-{threading.get_ident()}-{path.name}.part")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
