@@ -60,6 +60,38 @@ def _parser() -> argparse.ArgumentParser:
     )
     check_cert.add_argument("--json", action="store_true", help="machine-readable verdict")
 
+    api = argparse.ArgumentParser(add_help=False)
+    api.add_argument(
+        "--admin-url",
+        default=None,
+        help="admin API base URL (default: $EDGEPROXY_ADMIN_URL or http://127.0.0.1:9200)",
+    )
+    api.add_argument(
+        "--token-file",
+        type=Path,
+        default=None,
+        help="admin token file (default: $EDGEPROXY_ADMIN_TOKEN or conf/admin.token)",
+    )
+    api.add_argument("--json", action="store_true", help="print the API's JSON")
+    domains = sub.add_parser("domains", help="the domain lifecycle, through the admin API")
+    verbs = domains.add_subparsers(dest="verb", required=True)
+    verbs.add_parser("list", parents=[api], help="every domain and its status")
+    for verb, text in (
+        ("show", "one domain's status"),
+        ("add", "register a domain"),
+        ("remove", "remove a domain (stops serving it)"),
+    ):
+        verbs.add_parser(verb, parents=[api], help=text).add_argument("domain")
+    up = verbs.add_parser("upload", parents=[api], help="upload a certificate chain and key")
+    up.add_argument("domain")
+    up.add_argument("--fullchain", type=Path, required=True)
+    up.add_argument("--key", type=Path, required=True)
+    up.add_argument("--wait", action="store_true", help="wait until the status is active")
+    doctor = sub.add_parser(
+        "doctor", parents=[api], help="find what is wrong with a domain (DNS, TLS, routes)"
+    )
+    doctor.add_argument("domain")
+
     backend = sub.add_parser("demo-backend", help="run only the demo tracking backend")
     backend.add_argument("--port", type=int, default=8081)
     return p
@@ -108,6 +140,10 @@ def _dispatch(args: argparse.Namespace) -> int:
             certs_dir=args.certs_dir,
             as_json=args.json,
         )
+    if args.command in ("domains", "doctor"):
+        from edgeproxy.admin.cli import run_admin_command
+
+        return run_admin_command(args)
     if args.command == "demo-backend":
         from edgeproxy.demo import run_backend
 

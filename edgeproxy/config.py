@@ -202,6 +202,42 @@ class MetricsSettings:
 class AdminSettings:
     listen: Address | None = Address("127.0.0.1", 9200)
     token_file: Path = Path("conf/admin.token")
+    """Bearer token for the admin API; created (mode 0600) when missing."""
+    allow_public: bool = False
+    """The admin API refuses a non-loopback address unless this is set."""
+    max_body_bytes: int = 262144
+
+    def __post_init__(self) -> None:
+        _positive("admin", self, "max_body_bytes")
+        if self.listen is not None and not self.allow_public and not _is_loopback(self.listen):
+            raise ConfigError(
+                f"admin.listen: {self.listen} is not a loopback address",
+                hint="the admin API changes certificates; set admin.allow_public = true "
+                "only behind a firewall or a proxy that adds TLS",
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class DnsSettings:
+    cname_target: str = ""
+    """The host customers alias to (e.g. cname.vendor.example); the doctor checks for it."""
+    resolver: str = ""
+    """host:port of the DNS server the doctor asks ("" = the system's resolvers)."""
+    timeout: float = 3.0
+
+    def __post_init__(self) -> None:
+        if self.resolver:
+            parse_address(self.resolver, "dns.resolver")
+        _positive("dns", self, "timeout")
+
+
+def _is_loopback(address: Address) -> bool:
+    if address.host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address.host).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,6 +267,7 @@ class Settings:
     admin: AdminSettings = field(default_factory=AdminSettings)
     log: LogSettings = field(default_factory=LogSettings)
     notify: NotifySettings = field(default_factory=NotifySettings)
+    dns: DnsSettings = field(default_factory=DnsSettings)
 
     def __post_init__(self) -> None:
         prefixes = [r.prefix for r in self.routes]
@@ -250,7 +287,7 @@ def _positive(section: str, obj: object, *names: str) -> None:
 
 # --- loading -------------------------------------------------------------------------------
 
-_SECTIONS = ("server", "certs", "routes", "proxy", "metrics", "admin", "log", "notify")
+_SECTIONS = ("server", "certs", "routes", "proxy", "metrics", "admin", "log", "notify", "dns")
 
 
 def load_settings(path: Path | None, env: Mapping[str, str] | None = None) -> Settings:
@@ -375,8 +412,17 @@ def settings_from_dict(raw: Mapping[str, Any]) -> Settings:
     admin = AdminSettings(
         listen=parse_address(admin_listen, "admin.listen") if admin_listen else None,
         token_file=Path(a.text("token_file", "conf/admin.token")),
+        allow_public=a.flag("allow_public", False),
+        max_body_bytes=a.integer("max_body_bytes", 262144),
     )
     a.done()
+    d = _Section(raw, "dns")
+    dns = DnsSettings(
+        cname_target=d.text("cname_target", "").rstrip(".").lower(),
+        resolver=d.text("resolver", ""),
+        timeout=d.number("timeout", 3.0),
+    )
+    d.done()
     lg = _Section(raw, "log")
     log = LogSettings(level=lg.text("level", "info"), access=lg.flag("access", True))  # type: ignore[arg-type]
     lg.done()
@@ -389,6 +435,7 @@ def settings_from_dict(raw: Mapping[str, Any]) -> Settings:
         admin=admin,
         log=log,
         notify=notify,
+        dns=dns,
     )
 
 

@@ -1,4 +1,4 @@
-"""The control process: certificate registry, metrics and health (admin API comes later).
+"""The control process: certificate registry, admin API, metrics and health.
 
 It serves no customer traffic, so validation work or a slow scrape never delays a beacon.
 - The certificate registry lives here: every change is validated once and published to
@@ -16,6 +16,7 @@ import os
 import signal
 import socket
 import time
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -93,8 +94,18 @@ def build_app(settings: Settings, registry: CertRegistry) -> web.Application:
     return app
 
 
+def _synced_at() -> float:
+    """Everything published before this time is served by every worker (0: unknown)."""
+    scrape = CollectorRegistry()
+    MultiProcessCollector(scrape)  # type: ignore[no-untyped-call]
+    return scrape.get_sample_value("edgeproxy_served_synced_timestamp_seconds") or 0.0
+
+
 async def serve_control(
-    settings: Settings, metrics_sock: socket.socket | None, parent_pid: int
+    settings: Settings,
+    metrics_sock: socket.socket | None,
+    admin_sock: socket.socket | None,
+    parent_pid: int,
 ) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -106,6 +117,21 @@ async def serve_control(
     await runner.setup()
     if metrics_sock is not None:
         await web.SockSite(runner, metrics_sock).start()
+    admin_runner = None
+    if admin_sock is not None:
+        from edgeproxy.admin.api import build_admin_app
+        from edgeproxy.doctor import diagnose
+
+        async def check(domain: str) -> dict[str, Any]:
+            return await diagnose(settings, registry, domain)
+
+        admin_runner = web.AppRunner(
+            build_admin_app(settings, registry, _synced_at, check),
+            access_log=None,
+            handle_signals=False,
+        )
+        await admin_runner.setup()
+        await web.SockSite(admin_runner, admin_sock).start()
     certs = settings.certs
     reloader = create_task(
         run_registry(registry, registry.source, stop, certs.rescan_interval), name="registry"
@@ -137,12 +163,19 @@ async def serve_control(
     reminders.cancel()
     if registry.dirty:
         await asyncio.to_thread(registry.save)
+    if admin_runner is not None:
+        await admin_runner.cleanup()
     await runner.cleanup()
 
 
-def run_control(settings: Settings, metrics_sock: socket.socket | None, parent_pid: int) -> int:
+def run_control(
+    settings: Settings,
+    metrics_sock: socket.socket | None,
+    admin_sock: socket.socket | None,
+    parent_pid: int,
+) -> int:
     import uvloop
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(serve_control(settings, metrics_sock, parent_pid))
+        runner.run(serve_control(settings, metrics_sock, admin_sock, parent_pid))
     return 0

@@ -43,7 +43,7 @@ STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 HANDSHAKE_RESULTS = ("ok", "unknown_sni", "no_sni", "error")
 UPSTREAM_ERRORS = ("connect", "timeout", "broken")
 NO_ROUTE = "none"
-CERT_STATES = ("active", "expiring", "expired", "invalid")
+CERT_STATES = ("active", "expiring", "expired", "invalid", "awaiting_certificate")
 RELOAD_RESULTS = ("loaded", "rejected", "removed")
 
 CertRow = tuple[str, float | None, str]
@@ -97,6 +97,12 @@ class Metrics:
         self.certificates_loaded = Gauge(
             "edgeproxy_certificates_loaded",
             "Domains a worker can serve (the least up-to-date worker's count).",
+            registry=registry,
+            multiprocess_mode="livemin",
+        )
+        self.served_synced = Gauge(
+            "edgeproxy_served_synced_timestamp_seconds",
+            "Everything the registry published before this time is served (least-synced worker).",
             registry=registry,
             multiprocess_mode="livemin",
         )

@@ -126,6 +126,10 @@ async def run_registry(
         rescan_task.cancel()
 
 
+SYNC_TICK_MS = 100
+"""Workers wake this often when idle, to report how current they are."""
+
+
 async def watch_served(
     store: CertStore,
     stop: asyncio.Event,
@@ -133,8 +137,14 @@ async def watch_served(
     step_ms: int,
     rescan_interval: float,
     on_change: Callable[[], None],
+    on_synced: Callable[[float], None] = lambda _t: None,
 ) -> None:
-    """Worker side: follow the served folder the registry publishes into."""
+    """Worker side: follow the served folder the registry publishes into.
+
+    `on_synced(t)` is told that everything published before `t` is served: after a batch,
+    nothing arrived during the last `step_ms`; after an idle tick, nothing during the tick.
+    The admin API turns that into `preparing` -> `active`.
+    """
     served: Path = store.dir
     served.mkdir(parents=True, exist_ok=True)
     loop = asyncio.get_running_loop()
@@ -154,9 +164,16 @@ async def watch_served(
         debounce=200,
         watch_filter=lambda _c, p: p.endswith(SERVED_SUFFIX),
         recursive=False,
+        rust_timeout=SYNC_TICK_MS,
+        yield_on_timeout=True,
     ):
+        received = time.time()
         for _, path in batch:
             name = Path(path).name
             if not name.startswith("."):
                 store.refresh(name[: -len(SERVED_SUFFIX)])
-        on_change()
+        if batch:
+            on_change()
+            on_synced(received - step_ms / 1000 - 0.01)
+        else:
+            on_synced(received - SYNC_TICK_MS / 1000 - 0.01)

@@ -126,6 +126,7 @@ class Worker:
                 step_ms=certs.reload_step_ms,
                 rescan_interval=certs.rescan_interval,
                 on_change=lambda: self.metrics.certificates_loaded.set(len(self.store)),
+                on_synced=self.metrics.served_synced.set,
             ),
             name="watch-served",
         )

@@ -62,6 +62,7 @@ class Supervisor:
     listeners: list[list[socket.socket]] = field(default_factory=list)
     """listeners[i] are worker i's sockets (the same ones for all workers without reuseport)."""
     metrics_sock: socket.socket | None = None
+    admin_sock: socket.socket | None = None
     workers: dict[int, int] = field(default_factory=dict)
     """pid -> worker slot."""
     control_pid: int | None = None
@@ -86,6 +87,8 @@ class Supervisor:
         self.listeners = per_worker
         if self.settings.metrics.listen is not None:
             self.metrics_sock = bind(self.settings.metrics.listen, reuse_port=False, backlog=128)
+        if self.settings.admin.listen is not None:
+            self.admin_sock = bind(self.settings.admin.listen, reuse_port=False, backlog=128)
 
     def _fork(self, target: str, slot: int = 0) -> int:
         parent = os.getpid()
@@ -108,8 +111,9 @@ class Supervisor:
             else:
                 from edgeproxy.control import run_control
 
-                self._close_except([self.metrics_sock] if self.metrics_sock else [])
-                code = run_control(self.settings, self.metrics_sock, parent)
+                mine = [s for s in (self.metrics_sock, self.admin_sock) if s is not None]
+                self._close_except(mine)
+                code = run_control(self.settings, self.metrics_sock, self.admin_sock, parent)
         except BaseException:
             server_log.exception("%s process failed", target)
         finally:
@@ -122,8 +126,9 @@ class Supervisor:
             for s in socks:
                 if s not in keep:
                     s.close()
-        if self.metrics_sock is not None and self.metrics_sock not in keep:
-            self.metrics_sock.close()
+        for sock in (self.metrics_sock, self.admin_sock):
+            if sock is not None and sock not in keep:
+                sock.close()
 
     def start_worker(self, slot: int) -> None:
         pid = self._fork("worker", slot)

@@ -32,13 +32,14 @@ from cryptography import x509
 
 from edgeproxy.logging import reload_log
 from edgeproxy.tls.bundle import EXPIRY_WARNING_DAYS, Verdict, validate_bundle
-from edgeproxy.tls.source import BundleSource, InFlight
+from edgeproxy.tls.source import EMPTY, BundleSource, InFlight
 from edgeproxy.tls.store import SERVED_SUFFIX
 
 INDEX_VERSION = 1
 
 
 class CertState(Enum):
+    AWAITING = "awaiting_certificate"
     ACTIVE = "active"
     EXPIRING = "expiring"
     EXPIRED = "expired"
@@ -67,8 +68,10 @@ class Entry:
     updated_at: float = 0.0
 
     def state(self, now: float) -> CertState:
-        if self.errors or self.served is None:
+        if self.errors:
             return CertState.INVALID
+        if self.served is None:
+            return CertState.AWAITING
         left = self.served.not_after - now
         if left <= 0:
             return CertState.EXPIRED
@@ -90,6 +93,8 @@ class CertRegistry:
         self.index_file = state_dir / "index.json"
         self._roots = roots
         self._lock = threading.Lock()
+        self._refreshing = threading.Lock()
+        """One refresh at a time: the watcher and the admin API may both ask for one."""
         self.entries: dict[str, Entry] = {}
         self.counts = {"loaded": 0, "rejected": 0, "removed": 0}
         self.last_success: float | None = None
@@ -157,7 +162,12 @@ class CertRegistry:
         return out
 
     def refresh(self, domain: str) -> str:
-        """Validate and publish one domain. Returns loaded|rejected|removed|unchanged|inflight."""
+        """Validate and publish one domain. Returns loaded|rejected|removed|unchanged|inflight
+        (or registered, for a domain that has no certificate yet)."""
+        with self._refreshing:
+            return self._refresh(domain)
+
+    def _refresh(self, domain: str) -> str:
         try:
             bundle = self.source.read(domain)
         except InFlight:
@@ -172,6 +182,13 @@ class CertRegistry:
             self._count("removed", domain)
             reload_log.info("certificate removed", extra={"domain": domain})
             return "removed"
+        if bundle.version == EMPTY:
+            with self._lock:
+                if domain in self.entries:
+                    return "unchanged"  # a served bundle stays served while files are replaced
+                self.entries[domain] = Entry(domain, None, None, [], now)
+                self.dirty = True
+            return "registered"
         with self._lock:
             entry = self.entries.get(domain)
             if entry is not None and (

@@ -10,8 +10,9 @@ Rules for the folder source:
   layout, files linked through an atomically swapped `..data`, included).
 - A version is the (device, inode, mtime, size) of both files after following links, so a
   rewrite, a rename over, or a `..data` swap all change it.
-- A domain is removed when its folder is; a folder missing one of its files is a write in
-  progress, and the last good bundle stays served.
+- A domain is removed when its folder is. An empty folder is a registered domain awaiting
+  its certificate; a folder with one file of the two is a write in progress. Either way the
+  last good bundle, if any, stays served.
 - A read that races a write (the version moves while reading) raises `InFlight`; the next
   change event, or the retry the registry schedules, reads it again. A half-written file is
   never handed over as if it were complete.
@@ -32,6 +33,8 @@ from edgeproxy.tls.store import is_domain_name
 
 FULLCHAIN = "fullchain.pem"
 PRIVKEY = "privkey.pem"
+EMPTY = "empty"
+"""The version of a registered domain whose folder has no files yet."""
 RESCAN_ALL = "*"
 """Yielded by `changes()` when anything may have changed (a swapped top-level link)."""
 
@@ -43,6 +46,10 @@ class InFlight(Exception):
 class BundleSource(Protocol):
     def versions(self) -> dict[str, str]:
         """Every domain the source holds, with its current version."""
+        ...
+
+    def version(self, domain: str) -> str | None:
+        """One domain's current version (None when the source doesn't hold it)."""
         ...
 
     def read(self, domain: str) -> BundleBytes | None:
@@ -79,15 +86,21 @@ class DirectorySource:
         self.ignore = ignore.absolute() if ignore is not None else None
 
     def _version(self, folder: Path) -> str | None:
+        """The bundle's version; EMPTY for a folder with neither file; None otherwise."""
         try:
             a = os.stat(folder / FULLCHAIN)
             b = os.stat(folder / PRIVKEY)
         except OSError:
+            if not (folder / FULLCHAIN).exists() and not (folder / PRIVKEY).exists():
+                return EMPTY if folder.is_dir() else None
             return None
         return (
             f"{a.st_dev}:{a.st_ino}:{a.st_mtime_ns}:{a.st_size}/"
             f"{b.st_dev}:{b.st_ino}:{b.st_mtime_ns}:{b.st_size}"
         )
+
+    def version(self, domain: str) -> str | None:
+        return self._version(self.root / domain) if is_domain_name(domain) else None
 
     def versions(self) -> dict[str, str]:
         out: dict[str, str] = {}
@@ -108,9 +121,11 @@ class DirectorySource:
         before = self._version(folder)
         if before is None:
             if folder.is_dir():
-                # Files being replaced (rm + cp): not a removal; removing the folder is.
+                # One file without the other: a write in progress, not a removal.
                 raise InFlight(f"{folder} is missing {FULLCHAIN} or {PRIVKEY}")
             return None
+        if before == EMPTY:
+            return BundleBytes(domain, b"", b"", origin=str(folder), version=EMPTY)
         try:
             fullchain = (folder / FULLCHAIN).read_bytes()
             privkey = (folder / PRIVKEY).read_bytes()

@@ -75,11 +75,14 @@ def test_removing_the_folder_removes_the_domain(tmp_path, intermediate, roots):
     reg = _registry(tmp_path, roots)
     write_bundle(tmp_path / "certs", "t.a.test", intermediate)
     _sync(reg)
-    for f in (tmp_path / "certs" / "t.a.test").iterdir():
-        f.unlink()
-    with pytest.raises(InFlight):  # files gone but the folder is there: a write in progress
+    (tmp_path / "certs" / "t.a.test" / "privkey.pem").unlink()
+    with pytest.raises(InFlight):  # one file of the two: a write in progress
         reg.source.read("t.a.test")
     assert reg.refresh("t.a.test") == "inflight"
+    (tmp_path / "certs" / "t.a.test" / "fullchain.pem").unlink()
+    # an empty folder: registered, awaiting files; what was served stays served
+    assert reg.refresh("t.a.test") == "unchanged"
+    assert (tmp_path / "state" / "served" / "t.a.test.pem").exists()
     (tmp_path / "certs" / "t.a.test").rmdir()
     assert _sync(reg) == {"t.a.test": "removed"}
     assert not (tmp_path / "state" / "served" / "t.a.test.pem").exists()
