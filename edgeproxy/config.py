@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
@@ -193,6 +195,56 @@ class ProxySettings:
         )
 
 
+_COOKIE_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}$")
+
+
+@dataclass(frozen=True, slots=True)
+class DomainPolicy:
+    """First-party behaviour for one customer host (or the default for all)."""
+
+    visitor_cookie: str = "_ep_vid"
+    legacy_cookies: tuple[str, ...] = ()
+    """Cookie names of a visitor id the tag already had: carried over as the edge's id."""
+    opt_out_cookie: str = "_ep_optout"
+    upstream_cookies: tuple[str, ...] = ()
+    """Cookie names the upstream knows; only these and the edge's own are forwarded."""
+    allowed_origins: tuple[str, ...] = ()
+    """Exact origins allowed besides https on the registrable domain and its subdomains."""
+    cookie_max_age_days: int = 400
+    registrable_domain: str = ""
+    """Overrides the Public Suffix List (rarely needed)."""
+
+    def __post_init__(self) -> None:
+        for name in (
+            self.visitor_cookie,
+            self.opt_out_cookie,
+            *self.legacy_cookies,
+            *self.upstream_cookies,
+        ):
+            if not _COOKIE_NAME.match(name):
+                raise ConfigError(f"policy: {name!r} is not a valid cookie name")
+        if not 1 <= self.cookie_max_age_days <= 400:
+            raise ConfigError(
+                "policy.cookie_max_age_days: between 1 and 400 (browsers cap "
+                "cookie lifetimes at 400 days)"
+            )
+        for origin in self.allowed_origins:
+            parts = urlsplit(origin)
+            if parts.scheme not in ("https", "http") or not parts.hostname or parts.path:
+                raise ConfigError(
+                    f"policy.allowed_origins: {origin!r} is not an origin "
+                    "(scheme://host[:port], no path)"
+                )
+
+
+@dataclass(frozen=True, slots=True)
+class PolicySettings:
+    default: DomainPolicy = field(default_factory=DomainPolicy)
+    domains: Mapping[str, DomainPolicy] = field(default_factory=dict)
+    anonymize_ip: bool = False
+    """Truncate client addresses to /24 (IPv4) or /48 (IPv6) before forwarding."""
+
+
 @dataclass(frozen=True, slots=True)
 class MetricsSettings:
     listen: Address | None = Address("127.0.0.1", 9100)
@@ -268,6 +320,7 @@ class Settings:
     log: LogSettings = field(default_factory=LogSettings)
     notify: NotifySettings = field(default_factory=NotifySettings)
     dns: DnsSettings = field(default_factory=DnsSettings)
+    policy: PolicySettings = field(default_factory=PolicySettings)
 
     def __post_init__(self) -> None:
         prefixes = [r.prefix for r in self.routes]
@@ -287,7 +340,18 @@ def _positive(section: str, obj: object, *names: str) -> None:
 
 # --- loading -------------------------------------------------------------------------------
 
-_SECTIONS = ("server", "certs", "routes", "proxy", "metrics", "admin", "log", "notify", "dns")
+_SECTIONS = (
+    "server",
+    "certs",
+    "routes",
+    "proxy",
+    "metrics",
+    "admin",
+    "log",
+    "notify",
+    "dns",
+    "policy",
+)
 
 
 def load_settings(path: Path | None, env: Mapping[str, str] | None = None) -> Settings:
@@ -436,7 +500,46 @@ def settings_from_dict(raw: Mapping[str, Any]) -> Settings:
         log=log,
         notify=notify,
         dns=dns,
+        policy=_policy(raw.get("policy", {})),
     )
+
+
+def _domain_policy(table: Mapping[str, Any], key: str, base: DomainPolicy) -> DomainPolicy:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{key}: expected a table")
+    known = {f for f in DomainPolicy.__dataclass_fields__}
+    for k in table:
+        if k not in known:
+            raise ConfigError(f"{key}.{k}: unknown key", hint=f"known: {', '.join(sorted(known))}")
+    values: dict[str, Any] = {}
+    for k, v in table.items():
+        default = getattr(base, k)
+        if isinstance(default, tuple):
+            values[k] = tuple(_str_list(v, f"{key}.{k}"))
+        elif isinstance(default, int) and (isinstance(v, bool) or not isinstance(v, int)):
+            raise ConfigError(f"{key}.{k}: expected an integer, got {v!r}")
+        elif isinstance(default, str) and not isinstance(v, str):
+            raise ConfigError(f"{key}.{k}: expected a string, got {v!r}")
+        else:
+            values[k] = v
+    return replace(base, **values)
+
+
+def _policy(raw: object) -> PolicySettings:
+    if not isinstance(raw, dict):
+        raise ConfigError("policy: expected a table [policy]")
+    table = dict(raw)
+    domains_raw = table.pop("domains", {})
+    anonymize = table.pop("anonymize_ip", False)
+    if not isinstance(anonymize, bool):
+        raise ConfigError(f"policy.anonymize_ip: expected true or false, got {anonymize!r}")
+    default = _domain_policy(table, "policy", DomainPolicy())
+    if not isinstance(domains_raw, dict):
+        raise ConfigError('policy.domains: expected tables [policy.domains."t.example.com"]')
+    domains = {
+        str(d): _domain_policy(t, f'policy.domains."{d}"', default) for d, t in domains_raw.items()
+    }
+    return PolicySettings(default, MappingProxyType(domains), anonymize)
 
 
 def _network(value: object, key: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:

@@ -25,6 +25,7 @@ from edgeproxy.config import Settings
 from edgeproxy.logging import server_log
 from edgeproxy.metrics import Metrics
 from edgeproxy.proxy.forward import ClientConnection, ProxyContext
+from edgeproxy.proxy.policy import PolicyBook
 from edgeproxy.proxy.routes import RouteTable
 from edgeproxy.proxy.upstream import UpstreamPool
 from edgeproxy.reload import watch_served
@@ -56,7 +57,12 @@ class Worker:
             for url in route.upstreams
         }
         self.ctx = ProxyContext(
-            settings, self.metrics, RouteTable(settings.routes, pools), pools, self.tally
+            settings,
+            self.metrics,
+            RouteTable(settings.routes, pools),
+            pools,
+            self.tally,
+            PolicyBook(settings.policy),
         )
         self.servers: list[asyncio.Server] = []
         self.stopping = asyncio.Event()

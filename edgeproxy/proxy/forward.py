@@ -38,7 +38,10 @@ from edgeproxy.config import Settings
 from edgeproxy.errors import UpstreamError, UpstreamTimeout
 from edgeproxy.logging import access_log, proxy_log
 from edgeproxy.metrics import NO_ROUTE, Metrics
+from edgeproxy.proxy import firstparty
+from edgeproxy.proxy.firstparty import FirstParty
 from edgeproxy.proxy.headers import FORWARDING, Header, end_to_end, forwarding_headers
+from edgeproxy.proxy.policy import PolicyBook
 from edgeproxy.proxy.routes import RouteTable, RouteTarget, is_safe_path
 from edgeproxy.proxy.upstream import UpstreamConnection, UpstreamPool
 from edgeproxy.tls.sni import SNI_ATTR, HandshakeTally
@@ -92,6 +95,7 @@ class ProxyContext:
     routes: RouteTable
     pools: dict[str, UpstreamPool]
     tally: HandshakeTally
+    policies: PolicyBook
     connections: set[ClientConnection] = field(default_factory=set)
     draining: bool = False
     pid: int = field(default_factory=os.getpid)
@@ -143,6 +147,7 @@ class Request:
         "status",
         "host",
         "refusal",
+        "fp",
     )
 
     def __init__(self) -> None:
@@ -168,6 +173,8 @@ class Request:
         self.status = 0
         self.host = b""
         """The checked authority (host[:port]) sent upstream as Host."""
+        self.fp: FirstParty | None = None
+        """Cookies, visitor id and CORS for a forwarded request (see firstparty.py)."""
         self.refusal: tuple[int, str] | None = None
         """Found while parsing (bad framing, body over the limit): answered when its turn comes."""
 
@@ -465,6 +472,11 @@ class ClientConnection(asyncio.Protocol):
         req.route = target_route.prefix
         if ctx.draining:
             return self._respond(req, 503, "the edge is shutting down")
+        fp = req.fp = firstparty.inspect(req.headers, ctx.policies.for_domain(self.sni))
+        if req.method == b"OPTIONS" and fp.preflight_method is not None:
+            return self._answer(req, *firstparty.preflight_answer(fp))  # never forwarded
+        if fp.opted_out:
+            return self._answer(req, 204, firstparty.opt_out_headers(fp))
         if req.upgrade and not target_route.long_lived:
             req.keep_alive = False  # the parser is in upgrade mode: no next request here
         ex = Exchange(self, req, target_route)
@@ -479,13 +491,17 @@ class ClientConnection(asyncio.Protocol):
             self._respond(req, 413, "request body over the limit")
 
     def _respond(self, req: Request, status: int, message: str) -> None:
-        """Answer a request at the edge: nothing of it is forwarded."""
-        req.discard = True
-        req.chunks = []
+        """Answer a request with an edge error: nothing of it is forwarded."""
         body = b'{"error":"%s","message":"%s"}\n' % (
             _ERROR_CODES.get(status, "error").encode(),
             message.encode(),
         )
+        self._answer(req, status, [(b"Content-Type", b"application/json")], body)
+
+    def _answer(self, req: Request, status: int, headers: list[Header], body: bytes = b"") -> None:
+        """Answer a request at the edge (an error, a preflight, an opt-out)."""
+        req.discard = True
+        req.chunks = []
         # Close unless the request is complete: its unread body would be read as a request.
         close = bool(not req.complete and (req.content_length or req.chunked))
         if status in (400, 408, 413, 431) or not req.keep_alive or self.ctx.draining:
@@ -493,16 +509,11 @@ class ClientConnection(asyncio.Protocol):
         if req.upgrade or req.version == "1.0":
             close = True
         req.status = status
-        self.write_head(
-            status,
-            _REASONS.get(status, b"Error"),
-            [
-                (b"Content-Type", b"application/json"),
-                (b"Content-Length", b"%d" % len(body)),
-                (b"Cache-Control", b"no-store"),
-            ],
-            close=close,
-        )
+        if not any(n.lower() == b"cache-control" for n, _ in headers):
+            headers = [*headers, (b"Cache-Control", b"no-store")]
+        if status not in (204, 304):
+            headers = [*headers, (b"Content-Length", b"%d" % len(body))]
+        self.write_head(status, _REASONS.get(status) or _phrase(status), headers, close=close)
         self.write(body)
         if close:
             req.keep_alive = False
@@ -761,6 +772,8 @@ class Exchange:
         headers += end_to_end(req.headers, _REBUILT)
         if req.content_length is not None and not req.chunked:
             headers.append((b"Content-Length", b"%d" % req.content_length))
+        if req.fp is not None:
+            headers += firstparty.request_headers(req.fp)
         headers += forwarding_headers(
             req.headers, client.peer, client.sni.encode(), ctx.settings.server.trusted_proxies
         )
@@ -823,6 +836,8 @@ class Exchange:
                 close = True
         if req.upgrade and status != 101:
             close = True  # the client's parser is past an upgrade request
+        if req.fp is not None and status != 101:
+            out = firstparty.response_headers(out, req.fp)
         self.close_after = close
         client.write_head(status, reason or _phrase(status), out, close=close)
 
@@ -971,7 +986,9 @@ class Exchange:
         )
 
 
-_REBUILT = FORWARDING | {b"host", b"content-length", b"transfer-encoding", b"expect"}
+_REBUILT = (
+    FORWARDING | firstparty.CONSUMED | {b"host", b"content-length", b"transfer-encoding", b"expect"}
+)
 
 
 def _phrase(status: int) -> bytes:

@@ -1,0 +1,87 @@
+"""Cookies at the edge: the first-party visitor id, the upstream allowlist, Domain rewrite.
+
+Rules:
+- The visitor id is, in order: the edge's own cookie (a UUID); else a legacy id the tag
+  already had (a configured cookie name, validated), so existing visitors carry over; else
+  a new UUIDv4. It is re-set on every forwarded response (the expiry slides) as
+  `Domain=<registrable>; Path=/; Max-Age=...; Secure; HttpOnly; SameSite=Lax`.
+- Only allowlisted cookies (the edge's own and the configured upstream names) go upstream;
+  a site's other cookies (logins, carts) never leave the customer's domain.
+- Upstream `Set-Cookie` Domain attributes are rewritten to the registrable domain (as
+  nginx `proxy_cookie_domain` does); each Set-Cookie stays its own header.
+- Cookie values are never logged.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Iterable
+
+from edgeproxy.proxy.policy import Policy
+
+VISITOR_HEADER = b"X-Edge-Visitor-Id"
+_UUID = re.compile(rb"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
+_LEGACY = re.compile(rb"^[A-Za-z0-9._:-]{8,128}$")
+_DOMAIN_ATTR = re.compile(rb"(;\s*)domain=[^;]*", re.IGNORECASE)
+
+
+def parse(cookie_headers: Iterable[bytes]) -> list[tuple[bytes, bytes]]:
+    """(name, value) pairs of every Cookie header, in order (RFC 6265 section 5.4)."""
+    out = []
+    for header in cookie_headers:
+        for part in header.split(b";"):
+            name, sep, value = part.strip().partition(b"=")
+            if sep and name:
+                out.append((name, value))
+    return out
+
+
+def visitor_id(cookies: list[tuple[bytes, bytes]], policy: Policy) -> tuple[bytes, str]:
+    """The visitor id and where it came from: edge, legacy or new."""
+    s = policy.settings
+    own = s.visitor_cookie.encode()
+    for name, value in cookies:
+        if name == own and _UUID.match(value):
+            return value, "edge"
+    legacy = {n.encode() for n in s.legacy_cookies}
+    for name, value in cookies:
+        if name in legacy and _LEGACY.match(value):
+            return value, "legacy"
+    return str(uuid.uuid4()).encode(), "new"
+
+
+def opted_out(cookies: list[tuple[bytes, bytes]], policy: Policy) -> bool:
+    name = policy.settings.opt_out_cookie.encode()
+    return any(n == name for n, _ in cookies)
+
+
+def forwarded_cookie(cookies: list[tuple[bytes, bytes]], policy: Policy) -> bytes:
+    """The Cookie header for the upstream: allowlisted names only."""
+    s = policy.settings
+    allowed = {s.visitor_cookie.encode(), *(n.encode() for n in s.upstream_cookies)}
+    return b"; ".join(b"%s=%s" % (n, v) for n, v in cookies if n in allowed)
+
+
+def visitor_set_cookie(policy: Policy, vid: bytes) -> bytes:
+    s = policy.settings
+    return b"%s=%s; Domain=%s; Path=/; Max-Age=%d; Secure; HttpOnly; SameSite=Lax" % (
+        s.visitor_cookie.encode(),
+        vid,
+        policy.registrable.encode(),
+        s.cookie_max_age_days * 86400,
+    )
+
+
+def expire_visitor_cookie(policy: Policy) -> bytes:
+    return b"%s=; Domain=%s; Path=/; Max-Age=0; Secure; HttpOnly; SameSite=Lax" % (
+        policy.settings.visitor_cookie.encode(),
+        policy.registrable.encode(),
+    )
+
+
+def rewrite_domain(set_cookie: bytes, policy: Policy) -> bytes:
+    """An upstream Set-Cookie with its Domain attribute (if any) set to the registrable one."""
+    return _DOMAIN_ATTR.sub(
+        lambda m: m.group(1) + b"Domain=" + policy.registrable.encode(), set_cookie
+    )

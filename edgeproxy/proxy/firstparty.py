@@ -1,0 +1,102 @@
+"""What first-party context changes for one forwarded request: cookies, visitor id, CORS.
+
+Built once per request from its headers (`inspect`), then applied to the request head sent
+upstream (`request_headers`) and to the response head sent back (`response_headers`).
+See cookies.py and cors.py for the rules.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from edgeproxy.proxy import cookies, cors
+from edgeproxy.proxy.headers import Header
+from edgeproxy.proxy.policy import Policy
+
+# Request headers the edge rebuilds: a client can't set the upstream's visitor id itself.
+CONSUMED = frozenset({b"cookie", b"x-edge-visitor-id"})
+# Response headers the edge owns once it sets the visitor cookie.
+REPLACED = cors.CORS_RESPONSE | {b"cache-control"}
+
+
+@dataclass(slots=True)
+class FirstParty:
+    policy: Policy
+    origin: bytes | None
+    origin_allowed: bool
+    visitor: bytes
+    source: str
+    """Where the visitor id came from: edge, legacy or new."""
+    cookie: bytes
+    opted_out: bool
+    preflight_method: bytes | None
+    preflight_headers: bytes
+
+
+def inspect(headers: list[Header], policy: Policy) -> FirstParty:
+    origin = None
+    jar = []
+    acrm = None
+    acrh = b""
+    for name, value in headers:
+        low = name.lower()
+        if low == b"cookie":
+            jar.append(value)
+        elif low == b"origin":
+            origin = value.strip()
+        elif low == b"access-control-request-method":
+            acrm = value.strip()
+        elif low == b"access-control-request-headers":
+            acrh = value
+    pairs = cookies.parse(jar)
+    visitor, source = cookies.visitor_id(pairs, policy)
+    return FirstParty(
+        policy=policy,
+        origin=origin,
+        origin_allowed=origin is not None and policy.origin_allowed(origin),
+        visitor=visitor,
+        source=source,
+        cookie=cookies.forwarded_cookie(pairs, policy),
+        opted_out=cookies.opted_out(pairs, policy),
+        preflight_method=acrm,
+        preflight_headers=acrh,
+    )
+
+
+def request_headers(fp: FirstParty) -> list[Header]:
+    out = [(cookies.VISITOR_HEADER, fp.visitor)]
+    if fp.cookie:
+        out.append((b"Cookie", fp.cookie))
+    return out
+
+
+def response_headers(headers: list[Header], fp: FirstParty) -> list[Header]:
+    """The upstream's response headers with the edge's cookie, caching and CORS decisions."""
+    out = []
+    for name, value in headers:
+        low = name.lower()
+        if low in REPLACED:
+            continue
+        if low == b"set-cookie":
+            value = cookies.rewrite_domain(value, fp.policy)
+        out.append((name, value))
+    out.append((b"Set-Cookie", cookies.visitor_set_cookie(fp.policy, fp.visitor)))
+    out.append((b"Cache-Control", b"no-store"))
+    if fp.origin_allowed and fp.origin is not None:
+        out += cors.grant(fp.origin)
+    return out
+
+
+def opt_out_headers(fp: FirstParty) -> list[Header]:
+    """An opted-out visitor: 204, nothing forwarded, the id cookie expired."""
+    out = [
+        (b"Set-Cookie", cookies.expire_visitor_cookie(fp.policy)),
+        (b"Cache-Control", b"no-store"),
+    ]
+    if fp.origin_allowed and fp.origin is not None:
+        out += cors.grant(fp.origin)
+    return out
+
+
+def preflight_answer(fp: FirstParty) -> tuple[int, list[Header]]:
+    return cors.preflight(fp.origin, fp.origin_allowed, fp.preflight_headers)

@@ -1,0 +1,63 @@
+"""Per-domain first-party policy: registrable domain, allowed origins, cookie names.
+
+Rules:
+- The registrable domain comes from the Public Suffix List (offline, `publicsuffixlist`):
+  `t.example.co.jp` -> `example.co.jp`. It is the visitor cookie's Domain and the root of
+  the default allowed origins. A domain's policy may name it explicitly instead.
+- Allowed origins by default: `https://` origins on the registrable domain or any of its
+  subdomains (any port); a policy may add exact origins. Nothing else gets a CORS grant.
+- Policies are resolved once per domain and cached; the hot path does a dict lookup.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+from publicsuffixlist import PublicSuffixList
+
+from edgeproxy.config import DomainPolicy, PolicySettings
+
+_PSL = PublicSuffixList()
+
+
+@lru_cache(maxsize=65536)
+def registrable_domain(host: str) -> str:
+    """The domain a site owner registered (eTLD+1); the host itself if the PSL has none."""
+    return _PSL.privatesuffix(host) or host
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    domain: str
+    registrable: str
+    settings: DomainPolicy
+    extra_origins: frozenset[bytes]
+
+    def origin_allowed(self, origin: bytes) -> bool:
+        if origin in self.extra_origins:
+            return True
+        if not origin.startswith(b"https://"):
+            return False
+        host = origin[8:].split(b":", 1)[0].lower()
+        if not host or b"/" in host or b"@" in host:
+            return False
+        reg = self.registrable.encode()
+        return host == reg or host.endswith(b"." + reg)
+
+
+class PolicyBook:
+    def __init__(self, settings: PolicySettings) -> None:
+        self.settings = settings
+        self._cache: dict[str, Policy] = {}
+
+    def for_domain(self, domain: str) -> Policy:
+        policy = self._cache.get(domain)
+        if policy is None:
+            s = self.settings.domains.get(domain, self.settings.default)
+            reg = s.registrable_domain or registrable_domain(domain)
+            policy = Policy(domain, reg, s, frozenset(o.encode() for o in s.allowed_origins))
+            if len(self._cache) > 100_000:
+                self._cache.clear()
+            self._cache[domain] = policy
+        return policy
