@@ -73,8 +73,14 @@ class ServerSettings:
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     """Peers whose X-Forwarded-For / Forwarded are believed (CIDRs)."""
     backlog: int = 1024
+    proxy_protocol: bool = False
+    """Expect a PROXY v1/v2 header (from trusted_proxies only) before TLS."""
 
     def __post_init__(self) -> None:
+        if self.proxy_protocol and not self.trusted_proxies:
+            raise ConfigError(
+                "server.proxy_protocol: needs server.trusted_proxies (the load balancers)"
+            )
         if not self.listen:
             raise ConfigError("server.listen: at least one address is needed")
         if self.workers < 0 or self.workers > 256:
@@ -410,6 +416,7 @@ def settings_from_dict(raw: Mapping[str, Any]) -> Settings:
             _network(v, "server.trusted_proxies") for v in s.strings("trusted_proxies", [])
         ),
         backlog=s.integer("backlog", 1024),
+        proxy_protocol=s.flag("proxy_protocol", False),
     )
     s.done()
     c = _Section(raw, "certs")

@@ -25,7 +25,9 @@ from edgeproxy.config import Settings
 from edgeproxy.logging import server_log
 from edgeproxy.metrics import Metrics
 from edgeproxy.proxy.forward import ClientConnection, ProxyContext
+from edgeproxy.proxy.headers import is_trusted
 from edgeproxy.proxy.policy import PolicyBook
+from edgeproxy.proxy.proxyproto import ProxyProtocolError, read_header
 from edgeproxy.proxy.routes import RouteTable
 from edgeproxy.proxy.upstream import UpstreamPool
 from edgeproxy.reload import watch_served
@@ -65,6 +67,7 @@ class Worker:
             PolicyBook(settings.policy),
         )
         self.servers: list[asyncio.Server] = []
+        self.accepting: list[asyncio.Task[None]] = []
         self.stopping = asyncio.Event()
 
     def rescan(self) -> None:
@@ -76,6 +79,11 @@ class Worker:
         self.rescan()
         install_sni_callback(self.base_ctx, self.store.context_for, self.tally)
         for sock in sockets:
+            if self.settings.server.proxy_protocol:
+                self.accepting.append(
+                    create_task(self._accept_proxied(sock), name="edgeproxy.accept-proxied")
+                )
+                continue
             server = await loop.create_server(
                 lambda: ClientConnection(self.ctx),
                 sock=sock,
@@ -94,12 +102,54 @@ class Worker:
             },
         )
 
+    async def _accept_proxied(self, sock: socket.socket) -> None:
+        """Accept loop for a listener behind an L4 balancer speaking the PROXY protocol."""
+        loop = asyncio.get_running_loop()
+        sock.setblocking(False)
+        while True:
+            conn, addr = await loop.sock_accept(sock)
+            create_task(self._start_proxied(conn, addr), name="edgeproxy.proxied")
+
+    async def _start_proxied(self, conn: socket.socket, addr: Any) -> None:
+        server = self.settings.server
+        loop = asyncio.get_running_loop()
+        conn.setblocking(False)
+        if not is_trusted(addr[0], server.trusted_proxies):
+            server_log.warning(
+                "PROXY protocol from an untrusted peer refused", extra={"peer": addr[0]}
+            )
+            conn.close()
+            return
+        try:
+            async with asyncio.timeout(server.handshake_timeout):
+                source = await read_header(loop, conn)
+        except (ProxyProtocolError, TimeoutError, OSError) as exc:
+            server_log.warning(
+                "bad PROXY header from %s: %s", addr[0], exc, extra={"peer": addr[0]}
+            )
+            conn.close()
+            return
+        protocol = ClientConnection(self.ctx)
+        if source is not None:
+            protocol.peer = source[0]
+        try:
+            await loop.connect_accepted_socket(
+                lambda: protocol,
+                conn,
+                ssl=self.base_ctx,
+                ssl_handshake_timeout=server.handshake_timeout,
+            )
+        except (OSError, ssl.SSLError, TimeoutError):
+            conn.close()  # a failed handshake: counted when the protocol is collected
+
     async def drain(self) -> None:
         ctx = self.ctx
         self.metrics.workers_ready.set(0)
         # 1. stop accepting
         for server in self.servers:
             server.close()
+        for task in self.accepting:
+            task.cancel()
         # 2. draining: idle connections go now, busy ones after their response
         ctx.draining = True
         for conn in list(ctx.connections):

@@ -40,7 +40,14 @@ from edgeproxy.logging import access_log, proxy_log
 from edgeproxy.metrics import NO_ROUTE, Metrics
 from edgeproxy.proxy import firstparty
 from edgeproxy.proxy.firstparty import FirstParty
-from edgeproxy.proxy.headers import FORWARDING, Header, end_to_end, forwarding_headers
+from edgeproxy.proxy.headers import (
+    FORWARDING,
+    Header,
+    anonymize,
+    client_address,
+    end_to_end,
+    forwarding_headers,
+)
 from edgeproxy.proxy.policy import PolicyBook
 from edgeproxy.proxy.routes import RouteTable, RouteTarget, is_safe_path
 from edgeproxy.proxy.upstream import UpstreamConnection, UpstreamPool
@@ -219,7 +226,8 @@ class ClientConnection(asyncio.Protocol):
         sslobj = transport.get_extra_info("ssl_object")
         self.sni = getattr(sslobj, SNI_ATTR, "") if sslobj is not None else ""
         peer = transport.get_extra_info("peername")
-        self.peer = peer[0] if isinstance(peer, tuple) else ""
+        if not self.peer:  # set from a PROXY header, when the listener speaks it
+            self.peer = peer[0] if isinstance(peer, tuple) else ""
         if ctx.draining:
             transport.close()
             return
@@ -566,7 +574,7 @@ class ClientConnection(asyncio.Protocol):
                 {
                     "ts": round(time.time(), 6),
                     "pid": ctx.pid,
-                    "client": self.peer,
+                    "client": self._client(req),
                     "sni": self.sni,
                     "method": req.method.decode("latin-1"),
                     # The query string carries beacon payloads: never logged.
@@ -606,6 +614,12 @@ class ClientConnection(asyncio.Protocol):
             self._start(head)
         if self.queue and self.queue[0] is head and head.exchange is not None:
             self._resume(_PAUSE_PIPELINE)
+
+    def _client(self, req: Request) -> str:
+        """The visitor's address for the access log (anonymized when the policy says so)."""
+        settings = self.ctx.settings
+        client = client_address(req.headers, self.peer, settings.server.trusted_proxies)
+        return anonymize(client) if settings.policy.anonymize_ip else client
 
     def drain(self) -> None:
         """Shutting down: close now if idle, else after the response in flight."""
@@ -775,7 +789,11 @@ class Exchange:
         if req.fp is not None:
             headers += firstparty.request_headers(req.fp)
         headers += forwarding_headers(
-            req.headers, client.peer, client.sni.encode(), ctx.settings.server.trusted_proxies
+            req.headers,
+            client.peer,
+            client.sni.encode(),
+            ctx.settings.server.trusted_proxies,
+            ctx.settings.policy.anonymize_ip,
         )
         if req.chunked:
             headers.append((b"Transfer-Encoding", b"chunked"))

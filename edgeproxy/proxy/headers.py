@@ -70,8 +70,40 @@ def _forwarded_node(address: str) -> str:
     return f'"[{address}]"' if ":" in address else address
 
 
+def anonymize(address: str) -> str:
+    """Truncate to /24 (IPv4) or /48 (IPv6): the network, not the visitor."""
+    try:
+        ip = ipaddress.ip_address(address.strip().strip("[]"))
+    except ValueError:
+        return address
+    prefix = 24 if ip.version == 4 else 48
+    return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False).network_address)
+
+
+def client_address(headers: Sequence[Header], peer: str, trusted: Sequence[Network]) -> str:
+    """The visitor's address: the peer, or, behind trusted proxies, the rightmost address in
+    X-Forwarded-For that is not one of them."""
+    if not is_trusted(peer, trusted):
+        return peer
+    chain = [
+        a.strip()
+        for n, v in headers
+        if n.lower() == b"x-forwarded-for"
+        for a in v.decode("latin-1").split(",")
+        if a.strip()
+    ]
+    for address in reversed(chain):
+        if not is_trusted(address, trusted):
+            return address
+    return chain[0] if chain else peer
+
+
 def forwarding_headers(
-    headers: Sequence[Header], peer: str, host: bytes, trusted: Sequence[Network]
+    headers: Sequence[Header],
+    peer: str,
+    host: bytes,
+    trusted: Sequence[Network],
+    anonymize_ip: bool = False,
 ) -> list[Header]:
     """The X-Forwarded-* and Forwarded headers to send upstream for one request.
 
@@ -80,6 +112,7 @@ def forwarding_headers(
         peer: the TCP peer's address.
         host: the Host the client asked for (its SNI name, since Host must match it).
         trusted: CIDRs of proxies in front of the edge whose chain is believed.
+        anonymize_ip: truncate every address to its /24 or /48 network.
     """
     prior_xff: list[bytes] = []
     prior_fwd: list[bytes] = []
@@ -90,10 +123,15 @@ def forwarding_headers(
                 prior_xff.append(value.strip())
             elif low == b"forwarded":
                 prior_fwd.append(value.strip())
-    peer_b = peer.encode()
-    xff = b", ".join([*prior_xff, peer_b])
-    node = f"for={_forwarded_node(peer)};proto=https;host={host.decode('latin-1')}".encode()
-    fwd = b", ".join([*prior_fwd, node])
+    if anonymize_ip:
+        chain = [a for v in prior_xff for a in v.decode("latin-1").split(",") if a.strip()]
+        xff = ", ".join(anonymize(a) for a in [*chain, peer]).encode()
+        client = anonymize(client_address(headers, peer, trusted))
+        fwd = f"for={_forwarded_node(client)};proto=https;host={host.decode('latin-1')}".encode()
+    else:
+        xff = b", ".join([*prior_xff, peer.encode()])
+        node = f"for={_forwarded_node(peer)};proto=https;host={host.decode('latin-1')}".encode()
+        fwd = b", ".join([*prior_fwd, node])
     return [
         (b"X-Forwarded-For", xff),
         (b"X-Forwarded-Proto", b"https"),

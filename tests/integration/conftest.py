@@ -31,6 +31,7 @@ def base_config(
             "/general/dead": [f"http://127.0.0.1:{free_port()}"],
         },
         "proxy": {"response_timeout": 1.5, "connect_timeout": 1.0, "long_lived_idle_timeout": 40.0},
+        "policy": {"legacy_cookies": ["krt.vis"], "upstream_cookies": ["tracker"]},
     }
 
 

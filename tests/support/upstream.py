@@ -158,6 +158,14 @@ class RawUpstream:
         elif last == "close":
             t.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nuntil-eof")
             t.close()
+        elif last == "upcookies":
+            t.write(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n"
+                b"Set-Cookie: a=1; Domain=backend.internal; Path=/\r\n"
+                b"Set-Cookie: b=2; path=/; domain=.other.test; Secure\r\n"
+                b"Set-Cookie: c=3; Path=/\r\n"
+                b"Access-Control-Allow-Origin: *\r\nCache-Control: max-age=3600\r\n\r\nok"
+            )
         elif last == "extra":
             # a complete response, then the start of another nobody asked for
             t.write(

@@ -1,0 +1,117 @@
+"""Client addresses: PROXY protocol v1/v2 from trusted balancers only, trusted X-Forwarded-For,
+and the anonymization switch."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+import ssl
+import struct
+from collections.abc import Iterator
+
+import pytest
+
+from tests.conftest import DOMAINS
+from tests.integration.conftest import base_config
+from tests.support.client import Conn, build, request
+from tests.support.edge import Edge
+
+HOST = DOMAINS[0]
+
+
+@pytest.fixture(scope="module")
+def proxied_edge(
+    tmp_path_factory, certs_dir, upstream, chat_upstream, trust_bundle
+) -> Iterator[Edge]:
+    config = base_config(certs_dir, upstream, chat_upstream, trust_bundle)
+    config["server"].update(proxy_protocol=True, trusted_proxies=["127.0.0.2/32"])
+    edge = Edge(tmp_path_factory.mktemp("proxied"), config).start()
+    yield edge
+    assert edge.stop() == 0
+    assert "Traceback" not in edge.stderr()
+
+
+@pytest.fixture(scope="module")
+def anonymizing_edge(
+    tmp_path_factory, certs_dir, upstream, chat_upstream, trust_bundle
+) -> Iterator[Edge]:
+    config = base_config(certs_dir, upstream, chat_upstream, trust_bundle)
+    config["server"]["trusted_proxies"] = ["127.0.0.1/32"]
+    config["policy"]["anonymize_ip"] = True
+    edge = Edge(tmp_path_factory.mktemp("anon"), config).start()
+    yield edge
+    assert edge.stop() == 0
+
+
+def _v2(src: str, dst: str, sport: int, dport: int) -> bytes:
+    a, b = ipaddress.ip_address(src), ipaddress.ip_address(dst)
+    fam = 0x11 if a.version == 4 else 0x21
+    body = a.packed + b.packed + struct.pack("!HH", sport, dport)
+    return b"\r\n\r\n\x00\r\nQUIT\n" + bytes([0x21, fam]) + struct.pack("!H", len(body)) + body
+
+
+async def _via_balancer(edge: Edge, header: bytes, client_ctx, source: str = "127.0.0.2"):
+    sock = socket.socket()
+    sock.bind((source, 0))
+    sock.connect(("127.0.0.1", edge.port))
+    sock.sendall(header)
+    sock.setblocking(False)
+    reader, writer = await asyncio.open_connection(sock=sock, ssl=client_ctx, server_hostname=HOST)
+    conn = Conn(reader, writer)
+    conn.send(build("POST", "/track", HOST, body=b"{}"))
+    [resp] = await conn.read_responses()
+    await conn.close()
+    return resp
+
+
+@pytest.mark.parametrize(
+    ("header", "client"),
+    [
+        (b"PROXY TCP4 203.0.113.7 10.0.0.1 5555 443\r\n", b"203.0.113.7"),
+        (_v2("203.0.113.8", "10.0.0.1", 5555, 443), b"203.0.113.8"),
+        (_v2("2001:db8::7", "2001:db8::1", 5555, 443), b"2001:db8::7"),
+    ],
+)
+async def test_proxy_protocol_gives_the_client_address(
+    proxied_edge, upstream, client_ctx, header, client
+):
+    n = len(upstream.seen)
+    resp = await _via_balancer(proxied_edge, header, client_ctx)
+    seen = upstream.wait_seen(n + 1)[n]
+    assert resp.status == 200
+    assert seen.header(b"x-forwarded-for") == [client]
+
+
+async def test_proxy_protocol_from_an_untrusted_peer_is_refused(proxied_edge, client_ctx):
+    with pytest.raises((ConnectionError, ssl.SSLError, OSError)):
+        await _via_balancer(
+            proxied_edge,
+            b"PROXY TCP4 203.0.113.7 10.0.0.1 5555 443\r\n",
+            client_ctx,
+            source="127.0.0.1",
+        )
+
+
+async def test_missing_proxy_header_is_refused(proxied_edge, client_ctx):
+    with pytest.raises((ConnectionError, ssl.SSLError, OSError)):
+        await _via_balancer(proxied_edge, b"", client_ctx)
+
+
+async def test_trusted_chain_and_anonymization(anonymizing_edge, upstream, client_ctx):
+    n = len(upstream.seen)
+    resp = await request(
+        anonymizing_edge.port,
+        HOST,
+        client_ctx,
+        "POST",
+        "/track",
+        body=b"{}",
+        headers=[("X-Forwarded-For", "198.51.100.77")],
+    )
+    seen = upstream.wait_seen(n + 1)[n]
+    assert resp.status == 200
+    assert seen.header(b"x-forwarded-for") == [b"198.51.100.0, 127.0.0.0"]
+    assert seen.header(b"forwarded")[0].startswith(b"for=198.51.100.0;")
+    await asyncio.sleep(0.2)
+    assert anonymizing_edge.access()[-1]["client"] == "198.51.100.0"
