@@ -165,6 +165,11 @@ def domain(i: int) -> str:
     return f"d{i:06d}.scale.bench.test"
 
 
+def _default_signals() -> None:
+    """Pool workers are forked from main(): they must die quietly on the pool's SIGTERM."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def _new_key_pem(_: int) -> bytes:
     return key_pem(rsa.generate_private_key(public_exponent=65537, key_size=2048))
 
@@ -189,7 +194,7 @@ def load_or_make_pki(pki: Path) -> tuple[Issuer, Issuer, list[rsa.RSAPrivateKey]
         pki.mkdir(parents=True, exist_ok=True)
         root = make_ca("edgeproxy bench root CA")
         inter = make_intermediate(root, "edgeproxy bench intermediate CA")
-        with mp.get_context("fork").Pool(os.cpu_count() or 1) as pool:
+        with mp.get_context("fork").Pool(os.cpu_count() or 1, _default_signals) as pool:
             keys = pool.map(_new_key_pem, range(KEY_POOL))
         for f, data in zip(
             files,
@@ -244,7 +249,7 @@ def ensure_pool(n: int, inter: Issuer, keys: list[rsa.RSAPrivateKey]) -> float:
     _GEN.update(inter=inter, keys=keys, pool=pool)
     chunks = [(s, min(s + 1000, n)) for s in range(have, n, 1000)]
     done = have
-    with mp.get_context("fork").Pool(os.cpu_count() or 1) as workers:
+    with mp.get_context("fork").Pool(os.cpu_count() or 1, _default_signals) as workers:
         for k in workers.imap_unordered(_gen_chunk, chunks):
             done += k
             if done % 10000 < 1000 or done == n:
