@@ -455,6 +455,25 @@ def start_edge(config: Path, stderr_file: Path) -> subprocess.Popen[bytes]:
     return spawn(cmd, stderr_file, cwd=ROOT, env=env)
 
 
+def code_version() -> dict[str, Any]:
+    """What edgeproxy code a run used: HEAD, dirty files, a hash of every source file (the
+    tree may change between runs while someone else edits it)."""
+    digest = hashlib.sha256()
+    for f in sorted((ROOT / "edgeproxy").rglob("*.py")):
+        digest.update(f.relative_to(ROOT).as_posix().encode() + b"\0" + f.read_bytes())
+
+    def git(*a: str) -> str:
+        out = subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, check=False)
+        return out.stdout.strip()
+
+    return {
+        "head": git("rev-parse", "--short", "HEAD"),
+        "dirty": git("status", "--porcelain", "--", "edgeproxy").splitlines(),
+        "source_sha256": digest.hexdigest()[:12],
+        "loadavg": Path("/proc/loadavg").read_text().split()[:3],
+    }
+
+
 def edge_roles(p: subprocess.Popen[bytes]) -> dict[int, str]:
     roles = {p.pid: "supervisor"}
     with suppress(OSError, ValueError, KeyError):
@@ -511,6 +530,7 @@ def edge_run(
     errfile = run / "edge.stderr"
     since = errfile.stat().st_size if errfile.exists() else 0
     res: dict[str, Any] = {"n": n, "mode": "first start" if fresh else "restart"}
+    res["code"] = code_version()
     samples: list[tuple[float, int]] = []
     rss_samples: list[tuple[float, float]] = []
     t0 = time.perf_counter()
@@ -717,8 +737,8 @@ def edge_swap(
     certs = link_set(n, run / "certs")
     state = run / "state"
     config = edge_config(run, certs, state, root_pem, workers)
+    res: dict[str, Any] = {"n": n, "code": code_version()}
     p = start_edge(config, run / "edge.stderr")
-    res: dict[str, Any] = {"n": n}
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
@@ -940,6 +960,21 @@ def render(results: dict[str, Any]) -> str:
             f"| {_s(s)} | {mem(s, 'rss_ready')} | {mem(s, 'rss_after_handshakes')} "
             f"| {_s(x)} | {mem(x, 'rss_ready')} | {mem(x, 'rss_after_handshakes')} |"
         )
+    versions = []
+    for n, r in results["sizes"].items():
+        for key in ("edge_first", "edge_restart"):
+            c = (r.get(key) or {}).get("code")
+            if c:
+                dirty = f"+{len(c['dirty'])} dirty" if c["dirty"] else ""
+                versions.append(
+                    f"{int(n):,} {key.split('_')[1]}: {c['head']}{dirty} src {c['source_sha256']}"
+                    f", load {'/'.join(c['loadavg'])}"
+                )
+    if versions:
+        lines += [
+            "",
+            "edgeproxy code per run (HEAD, source hash, loadavg at start): " + "; ".join(versions),
+        ]
     sw = results.get("swap", {})
     if sw:
         e, g = sw.get("edgeproxy", {}), sw.get("nginx", {})
@@ -993,6 +1028,11 @@ def main() -> int:
     ap.add_argument("--first-start-budget", type=float, default=600.0, help="seconds")
     ap.add_argument("--no-nginx", action="store_true")
     ap.add_argument("--profile-control", type=int, metavar="N", help="only profile, then exit")
+    ap.add_argument(
+        "--merge",
+        action="store_true",
+        help="update the sizes/sections measured now in the existing certs_scale.json",
+    )
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     swap_n, tp_n, tp = SWAP_N, THROUGHPUT_N, (3, 1000, 100)
@@ -1145,6 +1185,21 @@ def main() -> int:
         phases["total"] = round(time.perf_counter() - t_all, 1)
         OUT.mkdir(parents=True, exist_ok=True)
         stem = "certs_scale_quick" if args.quick else "certs_scale"
+        if args.merge and (OUT / f"{stem}.json").exists():
+            earlier = json.loads((OUT / f"{stem}.json").read_text())
+            earlier["sizes"].update(results["sizes"])
+            for key in ("swap", "throughput"):
+                if results.get(key):
+                    earlier[key] = results[key]
+            earlier["notes"] = [
+                n
+                for n in earlier.get("notes", [])
+                if not any(n.startswith(f"N={k}:") for k in results["sizes"])
+            ] + results["notes"]
+            earlier.setdefault("merged_runs", []).append(
+                {"meta": results["meta"], "phases_s": phases, "sizes": list(results["sizes"])}
+            )
+            results = earlier
         (OUT / f"{stem}.json").write_text(json.dumps(results, indent=2, default=str))
         if results["sizes"] or results.get("swap"):
             report = render(results)

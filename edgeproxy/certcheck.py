@@ -48,8 +48,10 @@ def check_files(
     as_json: bool,
 ) -> int:
     bundle = BundleBytes(domain, _read(fullchain, "certificate chain"), _read(key, "key"))
-    others = registered_keys(certs_dir) if certs_dir is not None else {}
-    verdict = validate_bundle(bundle, roots=trust_store(trust_bundle), other_keys=others)
+    users: dict[str, set[str]] = {}
+    for other, fp in (registered_keys(certs_dir) if certs_dir is not None else {}).items():
+        users.setdefault(fp, set()).add(other)
+    verdict = validate_bundle(bundle, roots=trust_store(trust_bundle), key_users=users)
     text = _render(verdict, fullchain, key)
     if as_json:
         print(json.dumps(_doc(verdict), indent=2))

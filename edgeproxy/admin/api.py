@@ -214,16 +214,11 @@ def build_admin_app(
         if isinstance(parts, web.Response):
             return parts
         fullchain, privkey = parts
-        others = {
-            e.domain: e.served.spki_sha256
-            for e in registry.snapshot()
-            if e.served is not None and e.domain != name
-        }
         verdict = await asyncio.to_thread(
             validate_bundle,
             BundleBytes(name, fullchain, privkey),
             roots=trust_store(settings.certs.trust_bundle),
-            other_keys=others,
+            key_users=registry.key_users,
         )
         if not verdict.ok:
             errors = [str(e) for e in verdict.errors]

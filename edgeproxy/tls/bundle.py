@@ -21,7 +21,7 @@ import datetime as dt
 import functools
 import hashlib
 import warnings
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -182,7 +182,7 @@ def validate_bundle(
     bundle: BundleBytes,
     *,
     roots: tuple[x509.Certificate, ...],
-    other_keys: Mapping[str, str] | None = None,
+    key_users: Mapping[str, Collection[str]] | None = None,
     enforce_unique_key: bool = True,
     now: dt.datetime | None = None,
 ) -> Verdict:
@@ -191,7 +191,8 @@ def validate_bundle(
     Parameters:
         bundle: the bytes and where they came from.
         roots: trusted roots (see `trust_store`).
-        other_keys: public-key SHA-256 of every other registered domain, by domain.
+        key_users: the registered domains by public-key SHA-256 (a lookup, not a scan: the
+            registry holds 100k domains).
         enforce_unique_key: a shared key is an error (registration) or a warning (on disk).
         now: the time to check validity against (default: the current time).
 
@@ -199,7 +200,7 @@ def validate_bundle(
     """
     v = _Validation(bundle, now or dt.datetime.now(dt.UTC))
     try:
-        v.run(roots, other_keys or {}, enforce_unique_key)
+        v.run(roots, key_users or {}, enforce_unique_key)
     except Exception as exc:  # a malformed input cryptography did not expect: still an answer
         v.error(Unparsable, f"{v.chain_file}: could not be checked ({type(exc).__name__})")
     return v.verdict()
@@ -222,7 +223,10 @@ class _Validation:
         self.errors.append(kind(f"{self.b.domain}: {message}", hint=hint))
 
     def run(
-        self, roots: tuple[x509.Certificate, ...], other_keys: Mapping[str, str], unique: bool
+        self,
+        roots: tuple[x509.Certificate, ...],
+        key_users: Mapping[str, Collection[str]],
+        unique: bool,
     ) -> None:
         self._parse_chain()
         self._parse_key()
@@ -237,8 +241,8 @@ class _Validation:
         if chain_ok and names_ok and dates_ok:
             self._check_trust(roots)
         fp = spki_sha256(leaf)
-        for other, other_fp in other_keys.items():
-            if other != self.b.domain and other_fp == fp:
+        for other in sorted(key_users.get(fp, ())):
+            if other != self.b.domain:
                 msg = f"{self.key_file}: the same key is already registered for {other}"
                 hint = "each domain needs its own key (the key must not be used elsewhere)"
                 if unique:

@@ -96,6 +96,8 @@ class CertRegistry:
         self._refreshing = threading.Lock()
         """One refresh at a time: the watcher and the admin API may both ask for one."""
         self.entries: dict[str, Entry] = {}
+        self.key_users: dict[str, set[str]] = {}
+        """Public-key SHA-256 -> domains serving that key (the key-reuse rule's index)."""
         self.counts = {"loaded": 0, "rejected": 0, "removed": 0}
         self.last_success: float | None = None
         self.ready = False
@@ -121,6 +123,8 @@ class CertRegistry:
                     and not (self.served_dir / f"{domain}{SERVED_SUFFIX}").exists()
                 ):
                     served = None  # the served file is gone: validate again
+                if served is not None:
+                    self.key_users.setdefault(served.spki_sha256, set()).add(domain)
                 self.entries[domain] = Entry(
                     domain,
                     served,
@@ -135,6 +139,7 @@ class CertRegistry:
                 "ignoring unreadable index %s (%s); validating everything", self.index_file, exc
             )
             self.entries.clear()
+            self.key_users.clear()
 
     def save(self) -> None:
         with self._lock:
@@ -176,6 +181,7 @@ class CertRegistry:
         if bundle is None:
             with self._lock:
                 entry = self.entries.pop(domain, None)
+                self._forget_key(entry)
             if entry is None:
                 return "unchanged"
             _unlink(self.served_dir / f"{domain}{SERVED_SUFFIX}")
@@ -200,13 +206,8 @@ class CertRegistry:
                 or entry.rejected_version == bundle.version
             ):
                 return "unchanged"
-            others = {
-                d: e.served.spki_sha256
-                for d, e in self.entries.items()
-                if e.served is not None and d != domain
-            }
         verdict = validate_bundle(
-            bundle, roots=self._roots(), other_keys=others, enforce_unique_key=False
+            bundle, roots=self._roots(), key_users=self.key_users, enforce_unique_key=False
         )
         if not verdict.ok:
             return self._reject(domain, bundle.version, verdict, now)
@@ -221,7 +222,9 @@ class CertRegistry:
             list(verdict.warnings),
         )
         with self._lock:
+            self._forget_key(self.entries.get(domain))
             self.entries[domain] = Entry(domain, served, None, [], now)
+            self.key_users.setdefault(served.spki_sha256, set()).add(domain)
             self.last_success = now
         self._count("loaded", domain)
         for warning in verdict.warnings:
@@ -254,6 +257,14 @@ class CertRegistry:
             extra={"domain": domain, "errors": errors, "kept_last_good": kept},
         )
         return "rejected"
+
+    def _forget_key(self, entry: Entry | None) -> None:
+        if entry is not None and entry.served is not None:
+            users = self.key_users.get(entry.served.spki_sha256)
+            if users is not None:
+                users.discard(entry.domain)
+                if not users:
+                    del self.key_users[entry.served.spki_sha256]
 
     def _count(self, result: str, domain: str) -> None:
         with self._lock:

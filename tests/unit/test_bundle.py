@@ -210,10 +210,10 @@ def test_untrusted_root(roots):
 def test_key_reused_by_another_domain(intermediate, roots):
     leaf = intermediate.issue_cert(DOMAIN, key_type=RSA)
     fp = spki_sha256(x509.load_pem_x509_certificate(leaf.cert_chain_pems[0].bytes()))
-    v = _check(_bundle(leaf), roots, other_keys={"t.first.test": fp})
+    v = _check(_bundle(leaf), roots, key_users={fp: {"t.first.test"}})
     _only(v, KeyReused, "the same key is already registered for t.first.test")
     on_disk = _check(
-        _bundle(leaf), roots, other_keys={"t.first.test": fp}, enforce_unique_key=False
+        _bundle(leaf), roots, key_users={fp: {"t.first.test"}}, enforce_unique_key=False
     )
     assert on_disk.ok and "already registered for t.first.test" in on_disk.warnings[0]
 
