@@ -53,15 +53,23 @@ def _v2(src: str, dst: str, sport: int, dport: int) -> bytes:
 
 async def _via_balancer(edge: Edge, header: bytes, client_ctx, source: str = "127.0.0.2"):
     sock = socket.socket()
-    sock.bind((source, 0))
-    sock.connect(("127.0.0.1", edge.port))
-    sock.sendall(header)
-    sock.setblocking(False)
-    reader, writer = await asyncio.open_connection(sock=sock, ssl=client_ctx, server_hostname=HOST)
+    try:
+        sock.bind((source, 0))
+        sock.connect(("127.0.0.1", edge.port))
+        sock.sendall(header)
+        sock.setblocking(False)
+        reader, writer = await asyncio.open_connection(
+            sock=sock, ssl=client_ctx, server_hostname=HOST
+        )
+    except BaseException:
+        sock.close()  # a refused connection must not leak its socket into a later test
+        raise
     conn = Conn(reader, writer)
-    conn.send(build("POST", "/track", HOST, body=b"{}"))
-    [resp] = await conn.read_responses()
-    await conn.close()
+    try:
+        conn.send(build("POST", "/track", HOST, body=b"{}"))
+        [resp] = await conn.read_responses()
+    finally:
+        await conn.close()
     return resp
 
 
