@@ -489,7 +489,7 @@ class ClientConnection(asyncio.Protocol):
             req.keep_alive = False  # the parser is in upgrade mode: no next request here
         ex = Exchange(self, req, target_route)
         req.exchange = ex
-        create_task(ex.run(), name="edgeproxy.exchange", keep_ref=True)
+        ex.start()
 
     def _body_too_large(self, req: Request) -> None:
         ex = req.exchange
@@ -719,11 +719,10 @@ class Exchange:
 
     # --- setting up ------------------------------------------------------------------------
 
-    async def run(self) -> None:
-        if self.finished:
-            return  # the client left before this task got its turn
-        ctx = self.client.ctx
-        proxy = ctx.settings.proxy
+    def start(self) -> None:
+        """Arm the timeout and send on a pooled connection right away when there is one;
+        only a new connection needs a task (the common keep-alive case stays synchronous)."""
+        proxy = self.client.ctx.settings.proxy
         loop = asyncio.get_running_loop()
         self.upstream_started = time.perf_counter()
         timeout = (
@@ -733,32 +732,39 @@ class Exchange:
         self.timer = loop.call_later(timeout, self._on_timeout)
         pool, alternative = self.target.pick()
         conn = pool.take_idle()
-        self.reused = conn is not None
-        if conn is None:
+        if conn is not None:
+            self.reused = True
+            self._send(pool, conn)
+        else:
+            create_task(self._connect(pool, alternative), name="edgeproxy.connect")
+
+    async def _connect(self, pool: UpstreamPool, alternative: UpstreamPool | None) -> None:
+        if self.finished:
+            return  # the client left before this task got its turn
+        try:
+            conn = await self._open(pool)
+        except UpstreamError as exc:
+            if alternative is None or self.finished:
+                return self.fail(exc.status_hint, exc.message, kind=None)
+            pool = alternative  # one retry, on another URL of the route
             try:
-                conn = await pool.connect()
-            except UpstreamError as exc:
-                ctx.upstream_error(self.target.prefix, "connect")
-                proxy_log.warning(
-                    "%s", exc.message, extra={"route": self.target.prefix, "upstream": pool.url}
-                )
-                if alternative is None or self.finished:
-                    return self.fail(exc.status_hint, exc.message, kind=None)
-                pool = alternative
-                try:
-                    conn = await pool.connect()
-                except UpstreamError as exc2:
-                    ctx.upstream_error(self.target.prefix, "connect")
-                    proxy_log.warning(
-                        "%s",
-                        exc2.message,
-                        extra={"route": self.target.prefix, "upstream": pool.url},
-                    )
-                    return self.fail(exc2.status_hint, exc2.message, kind=None)
+                conn = await self._open(pool)
+            except UpstreamError as exc2:
+                return self.fail(exc2.status_hint, exc2.message, kind=None)
         if self.finished:
             pool.release(conn)  # the client went away (or timed out) while we connected
             return
         self._send(pool, conn)
+
+    async def _open(self, pool: UpstreamPool) -> UpstreamConnection:
+        try:
+            return await pool.connect()
+        except UpstreamError as exc:
+            self.client.ctx.upstream_error(self.target.prefix, "connect")
+            proxy_log.warning(
+                "%s", exc.message, extra={"route": self.target.prefix, "upstream": pool.url}
+            )
+            raise
 
     def _send(self, pool: UpstreamPool, conn: UpstreamConnection) -> None:
         req = self.req
