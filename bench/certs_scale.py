@@ -1187,10 +1187,12 @@ def main() -> int:
         stem = "certs_scale_quick" if args.quick else "certs_scale"
         if args.merge and (OUT / f"{stem}.json").exists():
             earlier = json.loads((OUT / f"{stem}.json").read_text())
-            earlier["sizes"].update(results["sizes"])
-            for key in ("swap", "throughput"):
-                if results.get(key):
-                    earlier[key] = results[key]
+            for n, row in results["sizes"].items():
+                earlier["sizes"].setdefault(n, {}).update(row)
+            if results.get("swap"):
+                earlier.setdefault("swap", {}).update(results["swap"])
+            if results.get("throughput"):
+                earlier["throughput"] = results["throughput"]
             earlier["notes"] = [
                 n
                 for n in earlier.get("notes", [])

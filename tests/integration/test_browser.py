@@ -8,7 +8,6 @@ page scripts (HttpOnly), and that the page's own cookies never reached the upstr
 from __future__ import annotations
 
 import base64
-import gc
 import hashlib
 import json
 import os
@@ -16,7 +15,6 @@ import shutil
 import ssl
 import subprocess
 import time
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -101,11 +99,6 @@ class Site:
 
     def __exit__(self, *_: object) -> None:
         self.lt.run(self.runner.cleanup())
-        # Chromium, killed at the end, leaves sockets it preconnected to this fake site, which
-        # aiohttp's cleanup doesn't own; collect them here, not as a warning in a later test.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ResourceWarning)
-            gc.collect()
 
 
 @pytest.fixture(scope="module")
