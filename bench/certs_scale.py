@@ -24,11 +24,11 @@ a shared key on disk with a warning); every domain gets its own leaf certificate
 from __future__ import annotations
 
 import argparse
-import asyncio
 import cProfile
 import hashlib
 import io
 import json
+import logging
 import multiprocessing as mp
 import os
 import pstats
@@ -892,18 +892,22 @@ def nginx_swap(
 def profile_control(n: int, root_pem: Path, inter: Issuer, keys: list[rsa.RSAPrivateKey]) -> str:
     from edgeproxy.config import load_settings
     from edgeproxy.control import make_registry
-    from edgeproxy.reload import sync
 
     run = CACHE / "run" / f"profile-{n}"
     shutil.rmtree(run, ignore_errors=True)
     run.mkdir(parents=True)
     settings = load_settings(edge_config(run, ensure_set(n), run / "state", root_pem, 1), env={})
     registry = make_registry(settings)
+    logging.getLogger("edgeproxy").setLevel(logging.ERROR)  # as in the runs: level = "error"
     prof = cProfile.Profile()
     t0 = time.perf_counter()
     prof.enable()
+    # What reload.sync runs in its worker thread, called here so cProfile sees it (cProfile
+    # only follows the thread it was enabled in).
     registry.open()
-    asyncio.run(sync(registry))
+    for d in sorted(registry.changed()):
+        registry.refresh(d)
+    registry.save()
     prof.disable()
     took = time.perf_counter() - t0
     buf = io.StringIO()
@@ -1016,6 +1020,33 @@ def render(results: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+
+
+def write_results(
+    results: dict[str, Any], phases: dict[str, float], quick: bool, merge: bool
+) -> None:
+    stem = "certs_scale_quick" if quick else "certs_scale"
+    if merge and (OUT / f"{stem}.json").exists():
+        earlier = json.loads((OUT / f"{stem}.json").read_text())
+        for n, row in results["sizes"].items():
+            earlier["sizes"].setdefault(n, {}).update(row)
+        if results.get("swap"):
+            earlier.setdefault("swap", {}).update(results["swap"])
+        if results.get("throughput"):
+            earlier["throughput"] = results["throughput"]
+        earlier["notes"] = [
+            n
+            for n in earlier.get("notes", [])
+            if not any(n.startswith(f"N={k}:") for k in results["sizes"])
+        ] + results["notes"]
+        earlier.setdefault("merged_runs", []).append(
+            {"meta": results["meta"], "phases_s": phases, "sizes": list(results["sizes"])}
+        )
+        results = earlier
+    (OUT / f"{stem}.json").write_text(json.dumps(results, indent=2, default=str))
+    report = render(results)
+    (OUT / f"{stem}.md").write_text(report)
+    print(report)
 
 
 def main() -> int:
@@ -1184,29 +1215,8 @@ def main() -> int:
         cleanup()
         phases["total"] = round(time.perf_counter() - t_all, 1)
         OUT.mkdir(parents=True, exist_ok=True)
-        stem = "certs_scale_quick" if args.quick else "certs_scale"
-        if args.merge and (OUT / f"{stem}.json").exists():
-            earlier = json.loads((OUT / f"{stem}.json").read_text())
-            for n, row in results["sizes"].items():
-                earlier["sizes"].setdefault(n, {}).update(row)
-            if results.get("swap"):
-                earlier.setdefault("swap", {}).update(results["swap"])
-            if results.get("throughput"):
-                earlier["throughput"] = results["throughput"]
-            earlier["notes"] = [
-                n
-                for n in earlier.get("notes", [])
-                if not any(n.startswith(f"N={k}:") for k in results["sizes"])
-            ] + results["notes"]
-            earlier.setdefault("merged_runs", []).append(
-                {"meta": results["meta"], "phases_s": phases, "sizes": list(results["sizes"])}
-            )
-            results = earlier
-        (OUT / f"{stem}.json").write_text(json.dumps(results, indent=2, default=str))
-        if results["sizes"] or results.get("swap"):
-            report = render(results)
-            (OUT / f"{stem}.md").write_text(report)
-            print(report)
+        if results["sizes"] or results.get("swap"):  # not after --profile-control
+            write_results(results, phases, args.quick, args.merge)
     return 0
 
 
