@@ -107,8 +107,8 @@ class ServerSettings:
 class CertsSettings:
     dir: Path = Path("certs")
     trust_bundle: Path | None = None
-    cache_size: int = 10000
-    """How many per-domain SSL contexts a worker keeps built (LRU)."""
+    cache_size: int = 5000
+    """How many per-domain SSL contexts a worker keeps built (LRU; ~25 KB each)."""
     state_dir: Path | None = None
     """The edge's own state (validated bundles it serves, index); default <dir>/.edgeproxy."""
     rescan_interval: float = 60.0
@@ -425,7 +425,7 @@ def settings_from_dict(raw: Mapping[str, Any]) -> Settings:
     certs = CertsSettings(
         dir=Path(c.text("dir", "certs")),
         trust_bundle=Path(trust) if trust else None,
-        cache_size=c.integer("cache_size", 10000),
+        cache_size=c.integer("cache_size", 5000),
         state_dir=Path(state_dir) if state_dir else None,
         rescan_interval=c.number("rescan_interval", 60.0),
         reload_step_ms=c.integer("reload_step_ms", 20),

@@ -58,8 +58,7 @@ def build_app(settings: Settings, registry: CertRegistry) -> web.Application:
     certs = CertCollector(lambda: _cert_rows(registry))
 
     def collect() -> CollectorRegistry:
-        scrape = CollectorRegistry()
-        MultiProcessCollector(scrape)  # type: ignore[no-untyped-call]
+        scrape = _workers()
         scrape.register(certs)
         return scrape
 
@@ -71,7 +70,8 @@ def build_app(settings: Settings, registry: CertRegistry) -> web.Application:
         return web.json_response({"status": "ok", "pid": os.getpid()})
 
     async def readyz(_: web.Request) -> web.Response:
-        scrape = await asyncio.to_thread(collect)
+        # Workers' values only: the per-domain certificate series (100k) are not needed here.
+        scrape = await asyncio.to_thread(_workers)
         ready = scrape.get_sample_value("edgeproxy_workers_ready") or 0
         # Every worker must have picked up what the registry published.
         loaded = scrape.get_sample_value("edgeproxy_certificates_loaded") or 0
@@ -94,11 +94,16 @@ def build_app(settings: Settings, registry: CertRegistry) -> web.Application:
     return app
 
 
-def _synced_at() -> float:
-    """Everything published before this time is served by every worker (0: unknown)."""
+def _workers() -> CollectorRegistry:
+    """The values every worker wrote to the multiprocess directory."""
     scrape = CollectorRegistry()
     MultiProcessCollector(scrape)  # type: ignore[no-untyped-call]
-    return scrape.get_sample_value("edgeproxy_served_synced_timestamp_seconds") or 0.0
+    return scrape
+
+
+def _synced_at() -> float:
+    """Everything published before this time is served by every worker (0: unknown)."""
+    return _workers().get_sample_value("edgeproxy_served_synced_timestamp_seconds") or 0.0
 
 
 async def serve_control(

@@ -156,6 +156,12 @@ def trust_store(trust_bundle: Path | None, system: bool = True) -> tuple[x509.Ce
     return tuple(roots)
 
 
+@functools.lru_cache(maxsize=8)
+def _store(roots: tuple[x509.Certificate, ...]) -> Store:
+    # Building a Store of ~140 system roots took most of a validation's Python time.
+    return Store(list(roots))
+
+
 def _load_roots(data: bytes) -> list[x509.Certificate]:
     # One block at a time: a single odd root in the system store (some have a negative
     # serial number, which cryptography warns about and will refuse) must not cost the rest.
@@ -241,14 +247,19 @@ class _Validation:
         if chain_ok and names_ok and dates_ok:
             self._check_trust(roots)
         fp = spki_sha256(leaf)
-        for other in sorted(key_users.get(fp, ())):
-            if other != self.b.domain:
-                msg = f"{self.key_file}: the same key is already registered for {other}"
-                hint = "each domain needs its own key (the key must not be used elsewhere)"
-                if unique:
-                    self.error(KeyReused, msg, hint)
-                else:
-                    self.warnings.append(f"{self.b.domain}: {msg}")
+        others = sorted(d for d in key_users.get(fp, ()) if d != self.b.domain)
+        if others:
+            # One finding however many share it: k domains on one key must not cost k^2.
+            more = f" and {len(others) - 3} more" if len(others) > 3 else ""
+            msg = (
+                f"{self.key_file}: the same key is already registered for "
+                f"{', '.join(others[:3])}{more}"
+            )
+            hint = "each domain needs its own key (the key must not be used elsewhere)"
+            if unique:
+                self.error(KeyReused, msg, hint)
+            else:
+                self.warnings.append(f"{self.b.domain}: {msg}")
 
     def _parse_chain(self) -> None:
         data = self.b.fullchain
@@ -431,7 +442,7 @@ class _Validation:
             return
         verifier = (
             PolicyBuilder()
-            .store(Store(list(roots)))
+            .store(_store(roots))
             .time(self.now)
             .extension_policies(
                 ca_policy=ExtensionPolicy.webpki_defaults_ca(), ee_policy=_EE_POLICY

@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Protocol
 
-from watchfiles import Change, awatch
+from watchfiles import Change, watch
 
+from edgeproxy.logging import reload_log
 from edgeproxy.tls.bundle import BundleBytes
 from edgeproxy.tls.store import is_domain_name
 
@@ -155,17 +157,63 @@ class DirectorySource:
         return self.ignore is None or not path.startswith(str(self.ignore))
 
     async def changes(self, stop: asyncio.Event) -> AsyncIterator[set[str]]:
+        """Watch the folder tree from a thread of its own.
+
+        Setting up a recursive inotify watch costs a syscall per folder: seconds at 100k
+        domains, which must not freeze the event loop (metrics, admin, readiness). Once the
+        watch is in place, RESCAN_ALL is yielded so that anything written while it was
+        being set up is picked up too.
+        """
         self.root.mkdir(parents=True, exist_ok=True)
-        async for batch in awatch(
-            self.root,
-            watch_filter=self._keep,
-            stop_event=stop,
-            step=self.step_ms,
-            debounce=self.debounce_ms,
-            force_polling=self.force_polling or None,
-            poll_delay_ms=300,
-            recursive=True,
-        ):
-            domains = {d for _, path in batch if (d := self._domain_of(path)) is not None}
-            if domains:
-                yield domains
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[set[str] | None] = asyncio.Queue()
+        halt = threading.Event()
+
+        def post(item: set[str] | None) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        def run() -> None:
+            ready = False
+            try:
+                for batch in watch(
+                    self.root,
+                    watch_filter=self._keep,
+                    stop_event=halt,
+                    step=self.step_ms,
+                    debounce=self.debounce_ms,
+                    force_polling=self.force_polling or None,
+                    poll_delay_ms=300,
+                    recursive=True,
+                    rust_timeout=1000,
+                    yield_on_timeout=True,
+                    raise_interrupt=False,
+                ):
+                    if not ready:
+                        ready = True
+                        post({RESCAN_ALL})
+                    domains = {d for _, p in batch if (d := self._domain_of(p)) is not None}
+                    if domains:
+                        post(domains)
+            except Exception:  # the rescan keeps reloads going; say why the watch stopped
+                reload_log.exception("watching %s failed; relying on periodic rescans", self.root)
+            finally:
+                post(None)
+
+        thread = threading.Thread(target=run, name="edgeproxy-watch-certs", daemon=True)
+        thread.start()
+        stopped = loop.create_task(stop.wait())
+        try:
+            while True:
+                getter = loop.create_task(queue.get())
+                await asyncio.wait([getter, stopped], return_when=asyncio.FIRST_COMPLETED)
+                if not getter.done():
+                    getter.cancel()
+                    return
+                item = getter.result()
+                if item is None:
+                    await stopped  # the watcher died: the periodic rescan carries on
+                    return
+                yield item
+        finally:
+            halt.set()
+            stopped.cancel()
