@@ -27,10 +27,6 @@ class CertificateError(EdgeProxyError):
     """A certificate bundle cannot be used; names the domain and the file."""
 
 
-class UnknownDomain(EdgeProxyError):
-    """No certificate is registered for the requested name."""
-
-
 class UpstreamError(EdgeProxyError):
     """Forwarding to an upstream failed; `status_hint` is what the client should see."""
 

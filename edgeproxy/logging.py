@@ -1,12 +1,11 @@
 """Named loggers, a JSON-lines formatter, and redaction helpers.
 
 Never log private keys, PEM bodies, full cookie values or beacon payloads: log a
-certificate's SHA-256 fingerprint and path instead (see `fingerprint`).
+certificate's SHA-256 fingerprint (a prefix) and path instead.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import sys
@@ -64,8 +63,3 @@ class _AccessFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         doc = record.args if isinstance(record.args, dict) else {"msg": record.getMessage()}
         return json.dumps(doc, separators=(",", ":"))
-
-
-def fingerprint(der: bytes) -> str:
-    """SHA-256 of DER bytes as lowercase hex: the only way a certificate or key is logged."""
-    return hashlib.sha256(der).hexdigest()

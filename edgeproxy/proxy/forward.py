@@ -206,7 +206,6 @@ class ClientConnection(asyncio.Protocol):
         self.handshaken = False
         self._paused = 0
         self._timer: asyncio.TimerHandle | None = None
-        self._write_paused = False
         self._write_waiter: UpstreamConnection | None = None
         self._in_head = False
         self._head_bytes = 0
@@ -290,7 +289,6 @@ class ClientConnection(asyncio.Protocol):
         return False
 
     def pause_writing(self) -> None:
-        self._write_paused = True
         head = self.queue[0] if self.queue else None
         conn = head.exchange.conn if head is not None and head.exchange is not None else None
         conn = conn or self.tunnel
@@ -299,7 +297,6 @@ class ClientConnection(asyncio.Protocol):
             self._write_waiter = conn
 
     def resume_writing(self) -> None:
-        self._write_paused = False
         conn, self._write_waiter = self._write_waiter, None
         if conn is not None and conn.transport is not None and not conn.closed:
             conn.transport.resume_reading()

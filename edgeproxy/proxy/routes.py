@@ -51,10 +51,6 @@ class RouteTable:
         )
         self._prefixes = [(t.prefix.encode(), t) for t in self._targets]
 
-    @property
-    def targets(self) -> list[RouteTarget]:
-        return list(self._targets)
-
     def match(self, path: bytes) -> RouteTarget | None:
         """The route for a raw path (no query), or None for a 404."""
         for prefix, target in self._prefixes:

@@ -18,7 +18,6 @@ file I/O and RSA work); a lock guards the entries they share with the metrics co
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import os
 import threading
@@ -301,7 +300,3 @@ def _unlink(path: Path) -> None:
         path.unlink()
     except FileNotFoundError:
         pass
-
-
-def utc(ts: float) -> str:
-    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat()
