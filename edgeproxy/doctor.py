@@ -148,9 +148,7 @@ async def check_tls(settings: Settings, domain: str, registered_sha: str | None)
     ctx.verify_mode = ssl.CERT_NONE  # the fingerprint is compared instead
     try:
         async with asyncio.timeout(5):
-            _, writer = await asyncio.open_connection(
-                edge.host, edge.port, ssl=ctx, server_hostname=domain
-            )
+            _, writer = await _connect(settings, domain, ctx)
     except (OSError, ssl.SSLError, TimeoutError) as exc:
         return [
             Finding(
@@ -200,47 +198,56 @@ async def check_tls(settings: Settings, domain: str, registered_sha: str | None)
     ]
 
 
-async def check_routes(settings: Settings, domain: str) -> list[Finding]:
+async def _connect(
+    settings: Settings, domain: str, ctx: ssl.SSLContext
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """TLS to the edge's own listener with SNI `domain`, speaking PROXY first if it must."""
     edge = _edge_address(settings)
+    if not settings.server.proxy_protocol:
+        return await asyncio.open_connection(edge.host, edge.port, ssl=ctx, server_hostname=domain)
+    reader, writer = await asyncio.open_connection(edge.host, edge.port)
+    family = "TCP6" if ":" in edge.host else "TCP4"
+    writer.write(f"PROXY {family} {edge.host} {edge.host} 0 {edge.port}\r\n".encode())
+    await writer.drain()
+    await writer.start_tls(ctx, server_hostname=domain)
+    return reader, writer
+
+
+async def _probe(settings: Settings, domain: str, route: str) -> Finding:
     ctx = ssl.create_default_context()
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
-    out = []
-    for route in (r.prefix for r in settings.routes):
-        try:
-            async with asyncio.timeout(settings.proxy.response_timeout + 2):
-                reader, writer = await asyncio.open_connection(
-                    edge.host, edge.port, ssl=ctx, server_hostname=domain
-                )
-                writer.write(
-                    f"OPTIONS {route} HTTP/1.1\r\nHost: {domain}\r\n"
-                    "Connection: close\r\n\r\n".encode()
-                )
-                status_line = await reader.readline()
-                await _close(writer)
-            status = int(status_line.split()[1])
-        except (OSError, ssl.SSLError, TimeoutError, ValueError, IndexError) as exc:
-            out.append(
-                Finding(
-                    "routes",
-                    "error",
-                    f"{route}: no answer from the edge ({exc})",
-                    "fix the TLS finding first",
-                )
+    try:
+        async with asyncio.timeout(settings.proxy.response_timeout + 2):
+            reader, writer = await _connect(settings, domain, ctx)
+            writer.write(
+                f"OPTIONS {route} HTTP/1.1\r\nHost: {domain}\r\nConnection: close\r\n\r\n".encode()
             )
-            continue
-        if status >= 500:
-            out.append(
-                Finding(
-                    "routes",
-                    "error",
-                    f"{route} answered {status}",
-                    f"check the upstreams of {route} in [routes]",
-                )
-            )
-        else:
-            out.append(Finding("routes", "ok", f"{route} answered {status}"))
-    return out
+            status_line = await reader.readline()
+            await _close(writer)
+        status = int(status_line.split()[1])
+    except (OSError, ssl.SSLError, TimeoutError, ValueError, IndexError) as exc:
+        return Finding(
+            "routes",
+            "error",
+            f"{route}: no answer from the edge ({exc})",
+            "fix the TLS finding first",
+        )
+    if status >= 500:
+        return Finding(
+            "routes",
+            "error",
+            f"{route} answered {status}",
+            f"check the upstreams of {route} in [routes]",
+        )
+    return Finding("routes", "ok", f"{route} answered {status}")
+
+
+async def check_routes(settings: Settings, domain: str) -> list[Finding]:
+    """Every route at once: the whole check takes one response timeout, not one per route."""
+    return list(
+        await asyncio.gather(*(_probe(settings, domain, r.prefix) for r in settings.routes))
+    )
 
 
 async def _close(writer: asyncio.StreamWriter) -> None:

@@ -16,6 +16,7 @@ import os
 import signal
 import socket
 import ssl
+import time
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -68,6 +69,7 @@ class Worker:
         )
         self.servers: list[asyncio.Server] = []
         self.accepting: list[asyncio.Task[None]] = []
+        self._last_warning = -60.0
         self.stopping = asyncio.Event()
 
     def rescan(self) -> None:
@@ -107,7 +109,12 @@ class Worker:
         loop = asyncio.get_running_loop()
         sock.setblocking(False)
         while True:
-            conn, addr = await loop.sock_accept(sock)
+            try:
+                conn, addr = await loop.sock_accept(sock)
+            except OSError as exc:  # EMFILE, ENFILE, ECONNABORTED: back off, keep serving
+                server_log.warning("accept failed: %s", exc)
+                await asyncio.sleep(0.1)
+                continue
             create_task(self._start_proxied(conn, addr), name="edgeproxy.proxied")
 
     async def _start_proxied(self, conn: socket.socket, addr: Any) -> None:
@@ -115,18 +122,14 @@ class Worker:
         loop = asyncio.get_running_loop()
         conn.setblocking(False)
         if not is_trusted(addr[0], server.trusted_proxies):
-            server_log.warning(
-                "PROXY protocol from an untrusted peer refused", extra={"peer": addr[0]}
-            )
+            self._warn_once("PROXY protocol from an untrusted peer refused", addr[0])
             conn.close()
             return
         try:
             async with asyncio.timeout(server.handshake_timeout):
                 source = await read_header(loop, conn)
         except (ProxyProtocolError, TimeoutError, OSError) as exc:
-            server_log.warning(
-                "bad PROXY header from %s: %s", addr[0], exc, extra={"peer": addr[0]}
-            )
+            self._warn_once(f"bad PROXY header ({exc})", addr[0])
             conn.close()
             return
         protocol = ClientConnection(self.ctx)
@@ -141,6 +144,18 @@ class Worker:
             )
         except (OSError, ssl.SSLError, TimeoutError):
             conn.close()  # a failed handshake: counted when the protocol is collected
+
+    def _warn_once(self, message: str, peer: str) -> None:
+        """At most one line a minute: any client could otherwise flood the log."""
+        now = time.monotonic()
+        if now - self._last_warning >= 60:
+            self._last_warning = now
+            server_log.warning(
+                "%s (peer %s; further ones for a minute not logged)",
+                message,
+                peer,
+                extra={"peer": peer},
+            )
 
     async def drain(self) -> None:
         ctx = self.ctx

@@ -18,7 +18,6 @@ import asyncio
 import codecs
 import datetime as dt
 import hmac
-import json
 import os
 import secrets
 import time
@@ -32,6 +31,7 @@ from edgeproxy.admin import storage
 from edgeproxy.admin.openapi import OPENAPI
 from edgeproxy.config import Settings
 from edgeproxy.logging import admin_log
+from edgeproxy.proxy.policy import is_public_suffix, registrable_domain
 from edgeproxy.tls.bundle import BundleBytes, trust_store, validate_bundle
 from edgeproxy.tls.registry import CertRegistry, CertState, Entry
 from edgeproxy.tls.source import EMPTY
@@ -74,6 +74,8 @@ def _bad_name(name: str) -> str | None:
         return "a wildcard can't be registered"
     if not is_domain_name(name):
         return "not a host name of at least two labels (IDNA A-labels, no IP address)"
+    if registrable_domain(name) == name and is_public_suffix(name):
+        return "a public suffix (like co.uk) is not a customer's host"
     for label in name.split("."):
         if label.startswith("xn--"):
             try:
@@ -167,7 +169,17 @@ def build_admin_app(
             },
         )
 
+    locks: dict[str, asyncio.Lock] = {}
+
+    def lock(name: str) -> asyncio.Lock:
+        """One change at a time per domain: an upload racing a delete (or another upload)
+        must not resurrect the folder or mix one upload's key with the other's chain."""
+        return locks.setdefault(name, asyncio.Lock())
+
     def registered(domain: str) -> bool:
+        # Only a valid name ever touches the disk: `..` or `.edgeproxy` arrive here decoded.
+        if _bad_name(domain) is not None:
+            return False
         return domain in registry.entries or (certs_dir / domain).is_dir()
 
     async def list_domains(_: web.Request) -> web.Response:
@@ -184,74 +196,88 @@ def build_admin_app(
         )
 
     async def add_domain(request: web.Request) -> web.Response:
-        try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return _error(400, "bad_request", 'send JSON: {"domain": "t.example.com"}')
+        body = await _json(request)
         name = body.get("domain") if isinstance(body, dict) else None
         if not isinstance(name, str):
             return _error(400, "bad_request", 'send JSON: {"domain": "t.example.com"}')
         why = _bad_name(name)
         if why is not None:
             return _error(422, "invalid_domain", f"{name[:300]!r}: {why}")
-        if registered(name) or not await asyncio.to_thread(storage.create_domain, certs_dir, name):
-            return _error(409, "exists", f"{name} is registered already")
-        await asyncio.to_thread(registry.refresh, name)
+        async with lock(name):
+            if registered(name) or not await asyncio.to_thread(
+                storage.create_domain, certs_dir, name
+            ):
+                return _error(409, "exists", f"{name} is registered already")
+            await asyncio.to_thread(registry.refresh, name)
         audit(request, "register", name, "created")
         return web.json_response(doc(name), status=201)
+
+    def unknown(name: str) -> web.Response:
+        return _error(404, "not_found", f"{name[:300]!r} is not registered")
 
     async def get_domain(request: web.Request) -> web.Response:
         name = request.match_info["domain"]
         if not registered(name):
-            return _error(404, "not_found", f"{name} is not registered")
+            return unknown(name)
         return web.json_response(doc(name))
 
     async def upload(request: web.Request) -> web.Response:
         name = request.match_info["domain"]
         if not registered(name):
-            return _error(404, "not_found", f"{name} is not registered; POST /v1/domains first")
+            return unknown(name)
         parts = await _read_bundle(request)
         if isinstance(parts, web.Response):
             return parts
         fullchain, privkey = parts
-        verdict = await asyncio.to_thread(
-            validate_bundle,
-            BundleBytes(name, fullchain, privkey),
-            roots=trust_store(settings.certs.trust_bundle),
-            key_users=registry.key_users,
-        )
-        if not verdict.ok:
-            errors = [str(e) for e in verdict.errors]
-            audit(request, "upload", name, "rejected", errors=errors)
-            return web.json_response(
-                {
-                    "domain": name,
-                    "errors": errors,
-                    "hints": [e.hint for e in verdict.errors if e.hint],
-                },
-                status=422,
+        async with lock(name):
+            if not registered(name):  # removed while the body arrived
+                return unknown(name)
+            verdict = await asyncio.to_thread(
+                validate_bundle,
+                BundleBytes(name, fullchain, privkey),
+                roots=trust_store(settings.certs.trust_bundle),
+                key_users=registry.key_users,
             )
-        await asyncio.to_thread(storage.write_bundle, certs_dir, name, fullchain, privkey)
-        await asyncio.to_thread(registry.refresh, name)
+            if not verdict.ok:
+                errors = [str(e) for e in verdict.errors]
+                audit(request, "upload", name, "rejected", errors=errors)
+                return web.json_response(
+                    {
+                        "domain": name,
+                        "errors": errors,
+                        "hints": [e.hint for e in verdict.errors if e.hint],
+                    },
+                    status=422,
+                )
+            written = await asyncio.to_thread(
+                storage.write_bundle, certs_dir, name, fullchain, privkey
+            )
+            if not written:
+                return unknown(name)
+            await asyncio.to_thread(registry.refresh, name)
         audit(request, "upload", name, "accepted", cert_sha256=verdict.cert_sha256)
         return web.json_response(doc(name), status=202)
 
     async def remove(request: web.Request) -> web.Response:
         name = request.match_info["domain"]
         if not registered(name):
-            return _error(404, "not_found", f"{name} is not registered")
-        await asyncio.to_thread(storage.remove_domain, certs_dir, name)
-        await asyncio.to_thread(registry.refresh, name)
+            return unknown(name)
+        async with lock(name):
+            await asyncio.to_thread(storage.remove_domain, certs_dir, name)
+            await asyncio.to_thread(registry.refresh, name)
         audit(request, "remove", name, "removed")
         return web.Response(status=204)
+
+    diagnoses = asyncio.Semaphore(4)
 
     async def check(request: web.Request) -> web.Response:
         name = request.match_info["domain"]
         if not registered(name):
-            return _error(404, "not_found", f"{name} is not registered")
+            return unknown(name)
         if diagnose is None:
             return _error(501, "not_implemented", "the doctor is not available")
-        return web.json_response(await diagnose(name))
+        async with diagnoses:  # each diagnosis opens connections: bound how many run at once
+            return web.json_response(await diagnose(name))
 
     async def openapi(_: web.Request) -> web.Response:
         return web.json_response(OPENAPI)
@@ -267,28 +293,39 @@ def build_admin_app(
     return app
 
 
+_MALFORMED = (ValueError, RecursionError, LookupError, UnicodeError, TypeError)
+"""What a hostile body can make JSON or multipart parsing raise (a 400, never a 500)."""
+
+
+async def _json(request: web.Request) -> Any:
+    try:
+        return await request.json()
+    except _MALFORMED:
+        return None
+
+
 async def _read_bundle(request: web.Request) -> tuple[bytes, bytes] | web.Response:
     """The uploaded PEMs, from JSON or multipart; a 400 response when neither fits.
     Bodies over admin.max_body_bytes are refused by aiohttp with 413."""
     hint = 'send JSON {"fullchain": PEM, "privkey": PEM} or multipart files fullchain, privkey'
-    if request.content_type.startswith("multipart/"):
-        form = await request.post()
-        values = []
-        for field in ("fullchain", "privkey"):
-            item = form.get(field)
-            if item is None:
-                return _error(400, "bad_request", f"missing part {field!r}; {hint}")
-            values.append(item.file.read() if hasattr(item, "file") else str(item).encode())
-        return values[0], values[1]
     try:
+        if request.content_type.startswith("multipart/"):
+            form = await request.post()
+            values = []
+            for field in ("fullchain", "privkey"):
+                item = form.get(field)
+                if item is None:
+                    return _error(400, "bad_request", f"missing part {field!r}; {hint}")
+                values.append(item.file.read() if hasattr(item, "file") else str(item).encode())
+            return values[0], values[1]
         body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        if not isinstance(body, dict) or not all(
+            isinstance(body.get(k), str) for k in ("fullchain", "privkey")
+        ):
+            return _error(400, "bad_request", hint)
+        return body["fullchain"].encode(), body["privkey"].encode()
+    except _MALFORMED:
         return _error(400, "bad_request", hint)
-    if not isinstance(body, dict) or not all(
-        isinstance(body.get(k), str) for k in ("fullchain", "privkey")
-    ):
-        return _error(400, "bad_request", hint)
-    return body["fullchain"].encode(), body["privkey"].encode()
 
 
 def _error(

@@ -6,6 +6,7 @@ import argparse
 import json
 import time
 from typing import Any
+from urllib.parse import quote
 
 from edgeproxy.admin.client import AdminClient, ApiError
 from edgeproxy.errors import ConfigError
@@ -31,6 +32,11 @@ def _show(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _q(name: str) -> str:
+    # A name is a path segment: "..", "/" or "%2e" must reach the API as data, not as a path.
+    return quote(name, safe="")
+
+
 def run_admin_command(args: argparse.Namespace) -> int:
     client = AdminClient.from_options(args.admin_url, args.token_file)
     try:
@@ -47,7 +53,7 @@ def run_admin_command(args: argparse.Namespace) -> int:
 
 def _run(client: AdminClient, args: argparse.Namespace) -> int:
     if args.command == "doctor":
-        doc = client.call("GET", f"/v1/domains/{args.domain}/check")
+        doc = client.call("GET", f"/v1/domains/{_q(args.domain)}/check")
         if args.json:
             print(json.dumps(doc, indent=2))
         else:
@@ -62,18 +68,18 @@ def _run(client: AdminClient, args: argparse.Namespace) -> int:
         print(json.dumps(doc, indent=2) if args.json else _table(doc["domains"]))
         return 0
     if verb == "show":
-        doc = client.call("GET", f"/v1/domains/{args.domain}")
+        doc = client.call("GET", f"/v1/domains/{_q(args.domain)}")
     elif verb == "add":
         doc = client.call("POST", "/v1/domains", {"domain": args.domain})
     elif verb == "remove":
-        client.call("DELETE", f"/v1/domains/{args.domain}")
+        client.call("DELETE", f"/v1/domains/{_q(args.domain)}")
         doc = {"domain": args.domain, "status": "removed"}
     elif verb == "upload":
         try:
             body = {"fullchain": args.fullchain.read_text(), "privkey": args.key.read_text()}
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"cannot read the bundle: {exc}") from exc
-        doc = client.call("PUT", f"/v1/domains/{args.domain}/certificate", body)
+        doc = client.call("PUT", f"/v1/domains/{_q(args.domain)}/certificate", body)
         deadline = time.monotonic() + 10
         while (
             args.wait
@@ -81,7 +87,7 @@ def _run(client: AdminClient, args: argparse.Namespace) -> int:
             and (time.monotonic() < deadline)
         ):
             time.sleep(0.1)
-            doc = client.call("GET", f"/v1/domains/{args.domain}")
+            doc = client.call("GET", f"/v1/domains/{_q(args.domain)}")
     else:  # pragma: no cover - argparse limits the verbs
         raise AssertionError(verb)
     print(json.dumps(doc, indent=2) if args.json else _show(doc))

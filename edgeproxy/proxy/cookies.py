@@ -56,32 +56,38 @@ def opted_out(cookies: list[tuple[bytes, bytes]], policy: Policy) -> bool:
     return any(n == name for n, _ in cookies)
 
 
-def forwarded_cookie(cookies: list[tuple[bytes, bytes]], policy: Policy) -> bytes:
-    """The Cookie header for the upstream: allowlisted names only."""
+def forwarded_cookie(cookies: list[tuple[bytes, bytes]], policy: Policy, visitor: bytes) -> bytes:
+    """The Cookie header for the upstream: the validated visitor id once, then allowlisted
+    upstream names. Whatever the client sent under the visitor cookie's name is dropped."""
     s = policy.settings
-    allowed = {s.visitor_cookie.encode(), *(n.encode() for n in s.upstream_cookies)}
-    return b"; ".join(b"%s=%s" % (n, v) for n, v in cookies if n in allowed)
+    own = s.visitor_cookie.encode()
+    allowed = {n.encode() for n in s.upstream_cookies} - {own}
+    rest = [b"%s=%s" % (n, v) for n, v in cookies if n in allowed]
+    return b"; ".join([b"%s=%s" % (own, visitor), *rest])
+
+
+def _domain(policy: Policy) -> bytes:
+    # No registrable domain (the host is a public suffix): a host-only cookie.
+    return b"; Domain=" + policy.registrable.encode() if policy.registrable else b""
 
 
 def visitor_set_cookie(policy: Policy, vid: bytes) -> bytes:
     s = policy.settings
-    return b"%s=%s; Domain=%s; Path=/; Max-Age=%d; Secure; HttpOnly; SameSite=Lax" % (
+    return b"%s=%s%s; Path=/; Max-Age=%d; Secure; HttpOnly; SameSite=Lax" % (
         s.visitor_cookie.encode(),
         vid,
-        policy.registrable.encode(),
+        _domain(policy),
         s.cookie_max_age_days * 86400,
     )
 
 
 def expire_visitor_cookie(policy: Policy) -> bytes:
-    return b"%s=; Domain=%s; Path=/; Max-Age=0; Secure; HttpOnly; SameSite=Lax" % (
+    return b"%s=%s; Path=/; Max-Age=0; Secure; HttpOnly; SameSite=Lax" % (
         policy.settings.visitor_cookie.encode(),
-        policy.registrable.encode(),
+        _domain(policy),
     )
 
 
 def rewrite_domain(set_cookie: bytes, policy: Policy) -> bytes:
     """An upstream Set-Cookie with its Domain attribute (if any) set to the registrable one."""
-    return _DOMAIN_ATTR.sub(
-        lambda m: m.group(1) + b"Domain=" + policy.registrable.encode(), set_cookie
-    )
+    return _DOMAIN_ATTR.sub(lambda m: _domain(policy), set_cookie)

@@ -56,7 +56,7 @@ def inspect(headers: list[Header], policy: Policy) -> FirstParty:
         origin_allowed=origin is not None and policy.origin_allowed(origin),
         visitor=visitor,
         source=source,
-        cookie=cookies.forwarded_cookie(pairs, policy),
+        cookie=cookies.forwarded_cookie(pairs, policy, visitor),
         opted_out=cookies.opted_out(pairs, policy),
         preflight_method=acrm,
         preflight_headers=acrh,

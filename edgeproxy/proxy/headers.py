@@ -31,8 +31,20 @@ HOP_BY_HOP = frozenset(
     }
 )
 # Built by the edge itself; an incoming copy is dropped (or extended when trusted).
+# Client-address claims are dropped too: anyone can send them.
 FORWARDING = frozenset(
-    {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded", b"x-real-ip"}
+    {
+        b"x-forwarded-for",
+        b"x-forwarded-proto",
+        b"x-forwarded-host",
+        b"forwarded",
+        b"x-real-ip",
+        b"true-client-ip",
+        b"cf-connecting-ip",
+        b"x-client-ip",
+        b"fastly-client-ip",
+        b"x-cluster-client-ip",
+    }
 )
 
 
@@ -70,12 +82,26 @@ def _forwarded_node(address: str) -> str:
     return f'"[{address}]"' if ":" in address else address
 
 
-def anonymize(address: str) -> str:
-    """Truncate to /24 (IPv4) or /48 (IPv6): the network, not the visitor."""
+def parse_address(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """An address from a forwarding header: `1.2.3.4`, `1.2.3.4:80`, `[2001:db8::1]:443`."""
+    v = value.strip().strip('"')
+    if v.startswith("["):
+        v = v[1 : v.find("]")] if "]" in v else v[1:]
+    elif v.count(":") == 1:
+        v = v.split(":", 1)[0]  # IPv4 with a port
     try:
-        ip = ipaddress.ip_address(address.strip().strip("[]"))
+        ip = ipaddress.ip_address(v)
     except ValueError:
-        return address
+        return None
+    return None if getattr(ip, "scope_id", None) else ip
+
+
+def anonymize(address: str) -> str:
+    """Truncate to /24 (IPv4) or /48 (IPv6): the network, not the visitor. Anything that
+    isn't an address becomes "unknown", never passes through."""
+    ip = parse_address(address)
+    if ip is None:
+        return "unknown"
     prefix = 24 if ip.version == 4 else 48
     return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False).network_address)
 
@@ -86,11 +112,11 @@ def client_address(headers: Sequence[Header], peer: str, trusted: Sequence[Netwo
     if not is_trusted(peer, trusted):
         return peer
     chain = [
-        a.strip()
+        str(ip)
         for n, v in headers
         if n.lower() == b"x-forwarded-for"
         for a in v.decode("latin-1").split(",")
-        if a.strip()
+        if (ip := parse_address(a)) is not None
     ]
     for address in reversed(chain):
         if not is_trusted(address, trusted):

@@ -21,6 +21,10 @@ from edgeproxy.config import DomainPolicy, PolicySettings
 _PSL = PublicSuffixList()
 
 
+def is_public_suffix(host: str) -> bool:
+    return bool(_PSL.is_public(host))
+
+
 @lru_cache(maxsize=65536)
 def registrable_domain(host: str) -> str:
     """The domain a site owner registered (eTLD+1); the host itself if the PSL has none."""
@@ -37,11 +41,15 @@ class Policy:
     def origin_allowed(self, origin: bytes) -> bool:
         if origin in self.extra_origins:
             return True
-        if not origin.startswith(b"https://"):
+        if not self.registrable or not origin.startswith(b"https://"):
             return False
-        host = origin[8:].split(b":", 1)[0].lower()
-        if not host or b"/" in host or b"@" in host:
+        # An origin is scheme://host[:port] and nothing else (RFC 6454 serialization).
+        host, _, port = origin[8:].partition(b":")
+        if port and not port.isdigit():
             return False
+        if not host or any(c in host for c in b"/?#@[]\\ "):
+            return False
+        host = host.lower()
         reg = self.registrable.encode()
         return host == reg or host.endswith(b"." + reg)
 
@@ -56,6 +64,8 @@ class PolicyBook:
         if policy is None:
             s = self.settings.domains.get(domain, self.settings.default)
             reg = s.registrable_domain or registrable_domain(domain)
+            if not s.registrable_domain and is_public_suffix(reg):
+                reg = ""  # a public suffix is nobody's site: no cookie Domain, no origins
             policy = Policy(domain, reg, s, frozenset(o.encode() for o in s.allowed_origins))
             if len(self._cache) > 100_000:
                 self._cache.clear()

@@ -247,7 +247,8 @@ class _Validation:
         if chain_ok and names_ok and dates_ok:
             self._check_trust(roots)
         fp = spki_sha256(leaf)
-        others = sorted(d for d in key_users.get(fp, ()) if d != self.b.domain)
+        # list() first: the registry may add to this set from another thread meanwhile.
+        others = sorted(d for d in list(key_users.get(fp, ())) if d != self.b.domain)
         if others:
             # One finding however many share it: k domains on one key must not cost k^2.
             more = f" and {len(others) - 3} more" if len(others) > 3 else ""

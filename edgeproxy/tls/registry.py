@@ -211,6 +211,7 @@ class CertRegistry:
         if not verdict.ok:
             return self._reject(domain, bundle.version, verdict, now)
         atomic_write(self.served_dir / f"{domain}{SERVED_SUFFIX}", verdict.served_pem)
+        now = time.time()  # published: workers' sync times are compared with this
         assert verdict.not_after is not None and verdict.cert_sha256 and verdict.spki_sha256
         served = Served(
             bundle.version,

@@ -14,6 +14,8 @@ from pathlib import Path
 import aiohttp
 import jsonschema
 import pytest
+import trustme
+import yarl
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
@@ -67,14 +69,12 @@ class Api:
 
     async def call(self, method: str, path: str, **kw) -> tuple[int, object]:
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        headers.update(kw.pop("headers", {}))
+        # encoded=True: the path goes out exactly as written (%2E%2E stays %2E%2E)
+        url = yarl.URL(self.edge.admin_url + path, encoded=True)  # type: ignore[attr-defined]
         async with (
             aiohttp.ClientSession() as s,
-            s.request(
-                method,
-                self.edge.admin_url + path,
-                headers=headers,
-                **kw,  # type: ignore[attr-defined]
-            ) as r,
+            s.request(method, url, headers=headers, **kw) as r,
         ):
             raw = await r.read()
             self.bodies.append(raw)
@@ -211,9 +211,7 @@ async def test_rejected_upload_lists_every_problem_and_changes_nothing(
     await _wait_active(api, d)
     folder = admin_edge.certs / d  # type: ignore[attr-defined]
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
-    bad = _bundle(
-        intermediate, "*.reject.test", key_type=None or __import__("trustme").KeyType.ECDSA
-    )
+    bad = _bundle(intermediate, "*.reject.test", key_type=trustme.KeyType.ECDSA)
     status, doc = await api.call("PUT", f"/v1/domains/{d}/certificate", json=bad)
     assert status == 422
     _schema_ok("Rejected", doc)
@@ -479,3 +477,81 @@ def test_files_are_only_ours(admin_edge):
     """Nothing but domain folders is written into the certificates folder."""
     certs: Path = admin_edge.certs  # type: ignore[attr-defined]
     assert all(p.is_dir() for p in certs.iterdir() if not p.name.startswith("."))
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["%2E%2E", "..%2F..", ".edgeproxy", "%2Eedgeproxy", "..", "t.ok.test%2F..%2F..", "served"],
+)
+async def test_names_in_the_path_never_escape_the_certs_folder(admin_edge, path):
+    """Decoded `..`, the edge's own state folder, or any invalid name: 404, nothing touched."""
+    work = admin_edge.workdir
+    canary = work / "canary.txt"
+    canary.write_text("still here")
+    api = Api(admin_edge)
+    for method, suffix in (("GET", ""), ("DELETE", ""), ("GET", "/check"), ("PUT", "/certificate")):
+        status, _ = await api.call(
+            method, f"/v1/domains/{path}{suffix}", json={"fullchain": "x", "privkey": "y"}
+        )
+        assert status in (404, 405), (method, path, status)
+    assert canary.read_text() == "still here"
+    assert (work / "state" / "served").is_dir()
+
+
+async def test_delete_racing_an_upload_leaves_the_domain_gone(admin_edge, intermediate, client_ctx):
+    api = Api(admin_edge)
+    for i in range(4):
+        d = f"t.race{i}.test"
+        await api.call("POST", "/v1/domains", json={"domain": d})
+        bundle = _bundle(intermediate, d)
+        put = asyncio.ensure_future(api.call("PUT", f"/v1/domains/{d}/certificate", json=bundle))
+        await asyncio.sleep(0.005 * i)
+        delete = await api.call("DELETE", f"/v1/domains/{d}")
+        await put
+        assert delete[0] == 204
+        await asyncio.sleep(0.3)
+        assert (await api.call("GET", f"/v1/domains/{d}"))[0] == 404
+        assert not (admin_edge.certs / d).exists()  # type: ignore[attr-defined]
+        assert await _served(admin_edge, d, client_ctx) is None
+
+
+async def test_two_uploads_at_once_never_mix_key_and_chain(admin_edge, intermediate):
+    api, d = Api(admin_edge), "t.twice.test"
+    await api.call("POST", "/v1/domains", json={"domain": d})
+    for _ in range(3):
+        a, b = _bundle(intermediate, d), _bundle(intermediate, d)
+        ra, rb = await asyncio.gather(
+            api.call("PUT", f"/v1/domains/{d}/certificate", json=a),
+            api.call("PUT", f"/v1/domains/{d}/certificate", json=b),
+        )
+        assert (ra[0], rb[0]) == (202, 202)
+        doc = await _wait_active(api, d)
+        assert doc["certificate_sha256"] in (_sha(a), _sha(b)) and doc["errors"] == []
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"[" * 100_000 + b"]" * 100_000,
+        b'{"fullchain": "\\ud800", "privkey": "x"}',
+        b'{"fullchain": ' + b"9" * 5000 + b', "privkey": "x"}',
+    ],
+)
+async def test_malformed_upload_bodies_are_400(admin_edge, body):
+    api = Api(admin_edge)
+    await api.call("POST", "/v1/domains", json={"domain": "t.malformed.test"})
+    status, _ = await api.call(
+        "PUT",
+        "/v1/domains/t.malformed.test/certificate",
+        data=body,
+        headers={"Content-Type": "application/json"},
+    )
+    assert status == 400
+    status, _ = await api.call(
+        "PUT",
+        "/v1/domains/t.malformed.test/certificate",
+        data=b"zz",
+        headers={"Content-Type": "multipart/form-data"},
+    )
+    assert status == 400
+    assert admin_edge.get("/healthz")[0] == 200

@@ -25,7 +25,9 @@ def proxied_edge(
     tmp_path_factory, certs_dir, upstream, chat_upstream, trust_bundle
 ) -> Iterator[Edge]:
     config = base_config(certs_dir, upstream, chat_upstream, trust_bundle)
-    config["server"].update(proxy_protocol=True, trusted_proxies=["127.0.0.2/32"])
+    # 127.0.0.2 is the balancer; 127.0.0.1 (the doctor, on the edge's host) is trusted too;
+    # 127.0.0.3 is anyone else.
+    config["server"].update(proxy_protocol=True, trusted_proxies=["127.0.0.2/32", "127.0.0.1/32"])
     edge = Edge(tmp_path_factory.mktemp("proxied"), config).start()
     yield edge
     assert edge.stop() == 0
@@ -97,7 +99,7 @@ async def test_proxy_protocol_from_an_untrusted_peer_is_refused(proxied_edge, cl
             proxied_edge,
             b"PROXY TCP4 203.0.113.7 10.0.0.1 5555 443\r\n",
             client_ctx,
-            source="127.0.0.1",
+            source="127.0.0.3",
         )
 
 
@@ -123,3 +125,47 @@ async def test_trusted_chain_and_anonymization(anonymizing_edge, upstream, clien
     assert seen.header(b"forwarded")[0].startswith(b"for=198.51.100.0;")
     await asyncio.sleep(0.2)
     assert anonymizing_edge.access()[-1]["client"] == "198.51.100.0"
+
+
+async def test_doctor_speaks_proxy_protocol_to_its_edge(proxied_edge):
+    from edgeproxy.config import settings_from_dict
+    from edgeproxy.doctor import check_routes, check_tls
+
+    settings = settings_from_dict(
+        {
+            "server": {
+                "listen": [f"127.0.0.1:{proxied_edge.port}"],
+                "proxy_protocol": True,
+                "trusted_proxies": ["127.0.0.1/32"],
+            }
+        }
+    )
+    [tls] = await check_tls(settings, HOST, None)
+    assert tls.level == "ok", tls
+    routes = await check_routes(settings, HOST)
+    assert [f.level for f in routes] == ["ok"] * 4
+
+
+async def test_anonymization_of_ports_and_other_client_headers(
+    anonymizing_edge, upstream, client_ctx
+):
+    n = len(upstream.seen)
+    resp = await request(
+        anonymizing_edge.port,
+        HOST,
+        client_ctx,
+        "POST",
+        "/track",
+        body=b"{}",
+        headers=[
+            ("X-Forwarded-For", "198.51.100.23:41234"),
+            ("True-Client-IP", "198.51.100.23"),
+            ("CF-Connecting-IP", "198.51.100.23"),
+        ],
+    )
+    seen = upstream.wait_seen(n + 1)[n]
+    assert resp.status == 200
+    assert seen.header(b"x-forwarded-for") == [b"198.51.100.0, 127.0.0.0"]
+    assert seen.header(b"forwarded")[0].startswith(b"for=198.51.100.0;")
+    assert seen.header(b"true-client-ip") == [] and seen.header(b"cf-connecting-ip") == []
+    assert b"198.51.100.23" not in b"".join(v for _, v in seen.headers)

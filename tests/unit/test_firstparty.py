@@ -70,7 +70,16 @@ def test_visitor_id_order_edge_then_legacy_then_new():
 def test_only_allowlisted_cookies_go_upstream():
     p = _policy(upstream_cookies=("tracker",))
     jar = cookies.parse([b"session=secret; _ep_vid=" + UUID + b"; tracker=1; cart=9"])
-    assert cookies.forwarded_cookie(jar, p) == b"_ep_vid=" + UUID + b"; tracker=1"
+    assert cookies.forwarded_cookie(jar, p, UUID) == b"_ep_vid=" + UUID + b"; tracker=1"
+
+
+def test_the_clients_own_visitor_cookies_never_go_upstream():
+    """Only the validated id goes up, once, however many _ep_vid cookies the client sent."""
+    p = _policy()
+    jar = cookies.parse([b"_ep_vid=ATTACKER-CHOSEN; _ep_vid=" + UUID])
+    vid, _ = cookies.visitor_id(jar, p)
+    assert vid == UUID
+    assert cookies.forwarded_cookie(jar, p, vid) == b"_ep_vid=" + UUID
 
 
 def test_visitor_cookie_attributes():
@@ -141,3 +150,9 @@ def test_policy_config():
         settings_from_dict({"policy": {"visitor_cookie": "a b"}})
     with pytest.raises(ConfigError, match=r'policy.domains."t.x.test".nope: unknown key'):
         settings_from_dict({"policy": {"domains": {"t.x.test": {"nope": 1}}}})
+
+
+def test_a_public_suffix_host_gets_no_origins_and_a_host_only_cookie():
+    p = PolicyBook(PolicySettings(DomainPolicy())).for_domain("github.io")
+    assert not p.origin_allowed(b"https://anyone.github.io")
+    assert b"Domain=" not in cookies.visitor_set_cookie(p, UUID)
