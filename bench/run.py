@@ -24,7 +24,7 @@ Run: `.venv/bin/python bench/run.py` (full, ~10 min), `--smoke` (< 60 s, proves 
 works, no thresholds), `--profile` (py-spy of one edgeproxy worker under wrk keep-alive load;
 needs /tmp/pyspy-venv/bin/py-spy). Needs Debian's nginx and wrk (installed with apt-get when
 missing) and maps the bench host to 127.0.0.1 in /etc/hosts (wrk takes SNI from the URL).
-Writes bench/out/run.{md,json} (smoke: run_smoke.*; profile: profile.{md,txt}).
+Writes bench/out/run.{md,json} (smoke: run_smoke.*; profile: profile[_native].{md,txt}).
 Not part of the test suite.
 """
 
@@ -852,6 +852,14 @@ def render(res: dict[str, Any]) -> str:
                     f"{fmt(w1, d)} | {fmt(ratio(w2, w1), 2)} |"
                 )
     lines.append("")
+    if "keepalive" in sc:
+        other = med(sc["keepalive"]["edgeproxy"], "other_cpu_s")
+        lines += [
+            f"edgeproxy's supervisor + control process used {fmt(other, 3)} CPU-s per "
+            f"{a['seconds']:g} s keep-alive run (median), excluded from the per-CPU-s figures "
+            "above (they serve no traffic).",
+            "",
+        ]
     if "full_handshake" in sc or "resumed_handshake" in sc:
         lines += ["### Resumption proof (client side, every connection's `session_reused`)", ""]
         lines.append(
@@ -1164,9 +1172,28 @@ def profile(args: argparse.Namespace, work: Path, script: Path) -> None:
         for f, n in c.most_common(25):
             text.append(f"| {100 * n / max(1, samples):.1f} | {n} | `{f}` |")
         text.append("")
+    if args.native:  # which Python code the syscalls / C leaves come from
+        callers: Counter[tuple[str, str]] = Counter()
+        for line in raw.read_text().splitlines():
+            stack, _, n = line.rpartition(" ")
+            frames = stack.split(";")
+            if not stack or ".py:" in frames[-1]:
+                continue
+            py = next((f for f in reversed(frames) if ".py:" in f), "?")
+            callers[(frames[-1], py)] += int(n)
+        text += [
+            "### native leaves by nearest Python caller (top 15)",
+            "",
+            "| % | native leaf | Python caller |",
+            "|---:|---|---|",
+        ]
+        for (leaf, py), n in callers.most_common(15):
+            text.append(f"| {100 * n / max(1, samples):.1f} | `{leaf}` | `{py}` |")
+        text.append("")
+    stem = "profile_native" if args.native else "profile"
     OUT.mkdir(exist_ok=True)
-    (OUT / "profile.md").write_text("\n".join(text))
-    shutil.copy(raw, OUT / "profile.txt")
+    (OUT / f"{stem}.md").write_text("\n".join(text))
+    shutil.copy(raw, OUT / f"{stem}.txt")
     print("\n".join(text))
 
 
