@@ -12,6 +12,7 @@ lets the control process sum them on scrape.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -175,3 +176,38 @@ class CertCollector(Collector):
             )
             soonest.add_metric([], earliest)
             yield soonest
+
+
+class BatchedObserver:
+    """A histogram child's observations gathered in plain Python and written in bulk.
+
+    In multiprocess mode every write to a metric checks the pid (a getpid(2) syscall) and
+    takes a lock: per request that was ~8% of a keep-alive beacon. `flush()` runs a few
+    times a second (and when a worker stops), so a scrape lags by at most that much.
+    """
+
+    __slots__ = ("child", "bounds", "counts", "total", "dirty")
+
+    def __init__(self, child: Histogram) -> None:
+        self.child = child
+        self.bounds: list[float] = list(child._upper_bounds)
+        self.counts = [0] * len(self.bounds)
+        self.total = 0.0
+        self.dirty = False
+
+    def observe(self, amount: float) -> None:
+        self.total += amount
+        self.counts[bisect_left(self.bounds, amount)] += 1
+        self.dirty = True
+
+    def flush(self) -> None:
+        if not self.dirty:
+            return
+        child = self.child
+        child._sum.inc(self.total)
+        for i, n in enumerate(self.counts):
+            if n:
+                child._buckets[i].inc(n)
+        self.counts = [0] * len(self.bounds)
+        self.total = 0.0
+        self.dirty = False

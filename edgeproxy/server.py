@@ -35,6 +35,9 @@ from edgeproxy.reload import watch_served
 from edgeproxy.tls.sni import HandshakeTally, install_sni_callback
 from edgeproxy.tls.store import CertStore
 
+METRICS_FLUSH_INTERVAL = 0.2
+"""Request histograms are written in bulk this often (see metrics.BatchedObserver)."""
+
 
 class Worker:
     """The runtime state of one worker; built inside the worker process after fork."""
@@ -95,6 +98,7 @@ class Worker:
             )
             self.servers.append(server)
         self.metrics.workers_ready.set(1)
+        self._flush_metrics()
         server_log.info(
             "worker ready",
             extra={
@@ -145,6 +149,10 @@ class Worker:
         except (OSError, ssl.SSLError, TimeoutError):
             conn.close()  # a failed handshake: counted when the protocol is collected
 
+    def _flush_metrics(self) -> None:
+        self.ctx.flush_metrics()
+        asyncio.get_running_loop().call_later(METRICS_FLUSH_INTERVAL, self._flush_metrics)
+
     def _warn_once(self, message: str, peer: str) -> None:
         """At most one line a minute: any client could otherwise flood the log."""
         now = time.monotonic()
@@ -181,6 +189,7 @@ class Worker:
                 conn.transport.abort()
         for pool in ctx.pools.values():
             pool.close()
+        ctx.flush_metrics()  # the last requests' observations, before the process goes
         server_log.info("worker stopped", extra={"pid": os.getpid(), "aborted": left})
 
     async def serve(self, sockets: list[socket.socket], parent_pid: int | None = None) -> None:

@@ -40,6 +40,7 @@ class Sink(Protocol):
     def on_upstream_lost(self, exc: BaseException | None) -> None: ...
     def pause_client(self) -> None: ...
     def resume_client(self) -> None: ...
+    def flush(self) -> None: ...
 
 
 class _Desync(Exception):
@@ -118,8 +119,11 @@ class UpstreamConnection(asyncio.Protocol):
             # Bytes on an idle connection break HTTP framing: never reuse it.
             self.abort()
             return
+        sink = self.sink
         try:
             self.parser.feed_data(data)
+            if sink is not None:
+                sink.flush()
         except httptools.HttpParserUpgrade as exc:
             self.tunnel = True
             if self.sink is not None:
@@ -229,6 +233,13 @@ class UpstreamPool:
         self.settings = settings
         self.idle: list[UpstreamConnection] = []
         self._sweeper: asyncio.TimerHandle | None = None
+        self._event_loop: asyncio.AbstractEventLoop | None = None
+
+    def _loop(self) -> asyncio.AbstractEventLoop:
+        # Cached: get_running_loop() is a getpid(2) syscall on Python 3.11.
+        if self._event_loop is None:
+            self._event_loop = asyncio.get_running_loop()
+        return self._event_loop
 
     async def connect(self) -> UpstreamConnection:
         """Open a new connection.
@@ -270,7 +281,7 @@ class UpstreamPool:
             if not conn.closed:
                 conn.abort()
             return
-        loop = asyncio.get_running_loop()
+        loop = self._loop()
         conn.idle_since = loop.time()
         self.idle.append(conn)
         if self._sweeper is None:
@@ -282,7 +293,7 @@ class UpstreamPool:
         self._sweeper = None
         if not self.idle:
             return
-        loop = asyncio.get_running_loop()
+        loop = self._loop()
         cutoff = loop.time() - self.settings.upstream_keepalive_timeout
         keep = []
         for conn in self.idle:

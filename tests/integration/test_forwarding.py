@@ -356,12 +356,13 @@ async def test_upstream_connections_are_reused(edge, upstream, client_ctx):
 
 async def test_request_metrics_by_route_and_status_class(edge, client_ctx):
     """The latency histogram counts by route and status class, never by domain."""
+    await asyncio.sleep(0.5)  # earlier tests' observations are flushed (every 0.2 s)
     before = edge.sample(
         "edgeproxy_request_duration_seconds_count", route="/track", status_class="2xx"
     )
     await request(edge.port, HOST, client_ctx, "GET", "/track")
-    after = edge.sample(
-        "edgeproxy_request_duration_seconds_count", route="/track", status_class="2xx"
+    after = edge.wait_sample(
+        "edgeproxy_request_duration_seconds_count", before + 1, route="/track", status_class="2xx"
     )
     assert after == before + 1
     per_request = [

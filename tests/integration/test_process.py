@@ -66,12 +66,14 @@ async def test_two_workers_both_serve_and_metrics_sum(
         )
         assert all(r.status == 200 for r in results)
         assert len(_worker_pids(edge)) == 2
-        assert (
-            edge.sample(
-                "edgeproxy_request_duration_seconds_count", route="/track", status_class="2xx"
-            )
-            == n
+        count = await asyncio.to_thread(
+            edge.wait_sample,
+            "edgeproxy_request_duration_seconds_count",
+            n,
+            route="/track",
+            status_class="2xx",
         )
+        assert count == n
         assert edge.sample("edgeproxy_tls_handshakes_total", result="ok") == n
         assert edge.sample("edgeproxy_workers_ready") == 2
     finally:

@@ -108,6 +108,15 @@ class Edge:
                 return float(value)
         return 0.0
 
+    def wait_sample(self, name: str, want: float, timeout: float = 3.0, **labels: str) -> float:
+        """A sample once it reaches `want` (histograms are flushed a few times a second)."""
+        deadline = time.monotonic() + timeout
+        value = self.sample(name, **labels)
+        while value != want and time.monotonic() < deadline:
+            time.sleep(0.05)
+            value = self.sample(name, **labels)
+        return value
+
     def stderr(self) -> str:
         return self.stderr_path.read_text(errors="replace")
 

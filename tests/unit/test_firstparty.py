@@ -156,3 +156,24 @@ def test_a_public_suffix_host_gets_no_origins_and_a_host_only_cookie():
     p = PolicyBook(PolicySettings(DomainPolicy())).for_domain("github.io")
     assert not p.origin_allowed(b"https://anyone.github.io")
     assert b"Domain=" not in cookies.visitor_set_cookie(p, UUID)
+
+
+def test_new_visitor_ids_are_unique_uuid4s_and_not_inherited_across_fork():
+    import os
+
+    ids = [cookies.new_visitor_id() for _ in range(600)]  # more than one random buffer
+    assert len(set(ids)) == 600
+    assert all(
+        re.match(rb"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$", i)
+        for i in ids
+    )
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child's next id must not be the parent's
+        os.write(w, cookies.new_visitor_id())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    child = os.read(r, 64)
+    os.close(r)
+    os.close(w)
+    assert child != cookies.new_visitor_id()
