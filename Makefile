@@ -22,8 +22,15 @@ lint: $(BIN)/.installed
 test: lint
 	$(BIN)/python -m pytest
 
+# On demand: edgeproxy vs nginx on this machine (installs nginx and wrk when missing).
 bench: $(BIN)/.installed
-	$(BIN)/python bench/overhead.py
+	$(BIN)/python bench/run.py
+	$(BIN)/python bench/certs_scale.py
+
+# CI only proves the scripts run; the numbers mean nothing on a busy machine.
+bench-smoke: $(BIN)/.installed
+	$(BIN)/python bench/run.py --smoke
+	$(BIN)/python bench/certs_scale.py --quick
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache .mypy_cache .ruff_cache
