@@ -183,8 +183,10 @@ class CertRegistry:
                 self._forget_key(entry)
             if entry is None:
                 return "unchanged"
-            _unlink(self.served_dir / f"{domain}{SERVED_SUFFIX}")
+            # Counted first: a scrape must never see the effect (workers dropping the domain)
+            # before the count that explains it.
             self._count("removed", domain)
+            _unlink(self.served_dir / f"{domain}{SERVED_SUFFIX}")
             reload_log.info("certificate removed", extra={"domain": domain})
             return "removed"
         if bundle.version == EMPTY:
