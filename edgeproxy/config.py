@@ -113,7 +113,7 @@ class CertsSettings:
     """The edge's own state (validated bundles it serves, index); default <dir>/.edgeproxy."""
     rescan_interval: float = 60.0
     """Full rescans catch anything the file watcher missed."""
-    reload_step_ms: int = 20
+    reload_step_ms: int = 10
     """Quiet time after the last file event before a change is picked up."""
     reload_debounce_ms: int = 200
     """Longest a burst of file events is grouped before it is picked up anyway."""
@@ -428,7 +428,7 @@ def settings_from_dict(raw: Mapping[str, Any]) -> Settings:
         cache_size=c.integer("cache_size", 5000),
         state_dir=Path(state_dir) if state_dir else None,
         rescan_interval=c.number("rescan_interval", 60.0),
-        reload_step_ms=c.integer("reload_step_ms", 20),
+        reload_step_ms=c.integer("reload_step_ms", 10),
         reload_debounce_ms=c.integer("reload_debounce_ms", 200),
         force_polling=c.flag("force_polling", False),
     )
