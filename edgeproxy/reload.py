@@ -157,6 +157,7 @@ async def watch_served(
         loop.call_later(rescan_interval, rescan)
 
     loop.call_later(rescan_interval, rescan)
+    watching = False
     async for batch in awatch(
         served,
         stop_event=stop,
@@ -168,6 +169,12 @@ async def watch_served(
         yield_on_timeout=True,
     ):
         received = time.time()
+        if not watching:
+            # The first yield means the watch is in place: whatever the registry published
+            # between the worker's first scan and now raised no event here, so scan again.
+            watching = True
+            store.scan()
+            on_change()
         for _, path in batch:
             name = Path(path).name
             if not name.startswith("."):

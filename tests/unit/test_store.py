@@ -101,3 +101,36 @@ def test_domain_names():
         "t.exa_mple.com",
     ):
         assert not is_domain_name(bad), bad
+
+
+async def test_a_file_published_before_the_watch_starts_is_picked_up(tmp_path, intermediate):
+    """Published between a worker's first scan and its watch being in place: no event comes,
+    so the first tick of the watch scans again (this once left a worker unready for 60 s)."""
+    import asyncio
+
+    from edgeproxy.reload import watch_served
+
+    store = CertStore(tmp_path, cache_size=10)
+    store.scan()
+    _serve(tmp_path, "t.early.test", intermediate)  # no watcher yet
+    stop = asyncio.Event()
+    changes: list[int] = []
+    task = asyncio.ensure_future(
+        watch_served(
+            store,
+            stop,
+            step_ms=5,
+            rescan_interval=60.0,
+            on_change=lambda: changes.append(len(store)),
+        )
+    )
+    try:
+        for _ in range(100):
+            if store.index == {"t.early.test"}:
+                break
+            await asyncio.sleep(0.02)
+        assert store.index == {"t.early.test"}
+        assert changes and changes[-1] == 1
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 5)
