@@ -496,7 +496,7 @@ class ClientConnection(asyncio.Protocol):
     def _body_too_large(self, req: Request) -> None:
         ex = req.exchange
         if ex is not None:
-            ex.fail(413, "request body over the limit", kind=None)
+            ex.fail(413, "request body over the limit")
         else:
             self._respond(req, 413, "request body over the limit")
 
@@ -547,7 +547,7 @@ class ClientConnection(asyncio.Protocol):
         if self.queue:
             head = self.queue[0]
             if head is req and head.exchange is not None and not head.exchange.finished:
-                head.exchange.fail(status, message, kind=None)
+                head.exchange.fail(status, message)
             else:
                 for queued in self.queue:
                     queued.keep_alive = False  # close once the response in flight is done
@@ -753,12 +753,12 @@ class Exchange:
             conn = await self._open(pool)
         except UpstreamError as exc:
             if alternative is None or self.finished:
-                return self.fail(exc.status_hint, exc.message, kind=None)
+                return self.fail(exc.status_hint, exc.message)
             pool = alternative  # one retry, on another URL of the route
             try:
                 conn = await self._open(pool)
             except UpstreamError as exc2:
-                return self.fail(exc2.status_hint, exc2.message, kind=None)
+                return self.fail(exc2.status_hint, exc2.message)
         if self.finished:
             pool.release(conn)  # the client went away (or timed out) while we connected
             return
@@ -850,7 +850,7 @@ class Exchange:
             # Switching protocols was never asked for here: don't hand the client a tunnel.
             self.head_sent = False
             client.ctx.upstream_error(self.target.prefix, "broken")
-            self.fail(502, "upstream switched protocols unasked", kind=None)
+            self.fail(502, "upstream switched protocols unasked")
             return
         if status == 101:
             upgrade = next((v for n, v in headers if n.lower() == b"upgrade"), b"websocket")
@@ -933,21 +933,10 @@ class Exchange:
             # A pooled connection the upstream had closed: try once on a fresh one.
             self.retried = True
             self.conn = None
-            create_task(self._retry(self.pool), name="edgeproxy.retry")
+            create_task(self._connect(self.pool, None), name="edgeproxy.retry")
             return
         self.client.ctx.upstream_error(self.target.prefix, "broken")
-        self.fail(502, f"upstream closed the connection: {exc or 'EOF'}", kind=None)
-
-    async def _retry(self, pool: UpstreamPool) -> None:
-        try:
-            conn = await pool.connect()
-        except UpstreamError as exc:
-            self.client.ctx.upstream_error(self.target.prefix, "connect")
-            return self.fail(exc.status_hint, exc.message, kind=None)
-        if self.finished:
-            pool.release(conn)
-            return
-        self._send(pool, conn)
+        self.fail(502, f"upstream closed the connection: {exc or 'EOF'}")
 
     def pause_client(self) -> None:
         self.client.pause_for_upstream()
@@ -973,12 +962,12 @@ class Exchange:
                 return
         self.client.ctx.upstream_error(self.target.prefix, "timeout")
         if not self.req.complete and self.conn is not None:
-            self.fail(408, "the request body did not arrive in time", kind=None)
+            self.fail(408, "the request body did not arrive in time")
         else:
             err = UpstreamTimeout("upstream did not answer in time")
-            self.fail(err.status_hint, err.message, kind=None)
+            self.fail(err.status_hint, err.message)
 
-    def fail(self, status: int, message: str, *, kind: str | None) -> None:
+    def fail(self, status: int, message: str) -> None:
         """End the exchange with an edge error, or cut the client if the head already went."""
         if self.finished:
             return
