@@ -5,6 +5,8 @@ task gets a name that shows up in debug output."""
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
@@ -21,3 +23,17 @@ def create_task(
         _background.add(task)
         task.add_done_callback(_background.discard)
     return task
+
+
+def watch_parent(loop: asyncio.AbstractEventLoop, parent_pid: int, stop: asyncio.Event) -> None:
+    """Set `stop` once the supervisor is gone (killed with SIGKILL): an orphaned worker or
+    control process stops instead of running forever."""
+
+    def check() -> None:
+        if os.getppid() != parent_pid:
+            logging.getLogger("edgeproxy.server").warning("supervisor is gone; stopping")
+            stop.set()
+        else:
+            loop.call_later(1.0, check)
+
+    loop.call_later(1.0, check)

@@ -22,7 +22,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from edgeproxy.asyncio_utils import create_task
+from edgeproxy.asyncio_utils import create_task, watch_parent
 from edgeproxy.config import Settings
 from edgeproxy.metrics import CertCollector, CertRow
 from edgeproxy.notify import ExpiryNotifier, run_notifier
@@ -156,13 +156,7 @@ async def serve_control(
         name="reminders",
     )
 
-    def check_parent() -> None:
-        if os.getppid() != parent_pid:
-            stop.set()
-        else:
-            loop.call_later(1.0, check_parent)
-
-    loop.call_later(1.0, check_parent)
+    watch_parent(loop, parent_pid, stop)
     await stop.wait()
     reloader.cancel()
     reminders.cancel()

@@ -21,7 +21,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from edgeproxy.asyncio_utils import create_task
+from edgeproxy.asyncio_utils import create_task, watch_parent
 from edgeproxy.config import Settings
 from edgeproxy.logging import server_log
 from edgeproxy.metrics import Metrics
@@ -214,22 +214,10 @@ class Worker:
             name="watch-served",
         )
         if parent_pid is not None:
-            _watch_parent(loop, parent_pid, self.stopping)
+            watch_parent(loop, parent_pid, self.stopping)
         await self.stopping.wait()
         await self.drain()
         await asyncio.wait([watcher], timeout=2)
-
-
-def _watch_parent(loop: asyncio.AbstractEventLoop, parent_pid: int, stop: asyncio.Event) -> None:
-    # An orphaned worker (supervisor killed with SIGKILL) stops instead of serving forever.
-    def check() -> None:
-        if os.getppid() != parent_pid:
-            server_log.warning("supervisor is gone; stopping")
-            stop.set()
-        else:
-            loop.call_later(1.0, check)
-
-    loop.call_later(1.0, check)
 
 
 def _sockname(sock: socket.socket) -> str:
