@@ -82,14 +82,9 @@ class CertStore:
             return
         self.index.add(domain)
         if domain in self._cache:
-            try:
-                ctx = build_context(path)
-            except (ssl.SSLError, OSError) as exc:
-                tls_log.error(
-                    "served bundle for %s does not load: %s", domain, exc, extra={"domain": domain}
-                )
-                return
-            self._cache[domain] = ctx
+            ctx = self._build(domain)
+            if ctx is not None:
+                self._cache[domain] = ctx
 
     def context_for(self, name: str) -> ssl.SSLContext | None:
         """The context serving `name`, or None when it is not registered (hot path)."""
@@ -99,14 +94,19 @@ class CertStore:
             return ctx
         if name not in self.index:
             return None
-        try:
-            ctx = build_context(self.path(name))
-        except (ssl.SSLError, OSError) as exc:
-            tls_log.error(
-                "served bundle for %s does not load: %s", name, exc, extra={"domain": name}
-            )
+        ctx = self._build(name)
+        if ctx is None:
             return None
         self._cache[name] = ctx
         if len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
         return ctx
+
+    def _build(self, domain: str) -> ssl.SSLContext | None:
+        try:
+            return build_context(self.path(domain))
+        except (ssl.SSLError, OSError) as exc:
+            tls_log.error(
+                "served bundle for %s does not load: %s", domain, exc, extra={"domain": domain}
+            )
+            return None
