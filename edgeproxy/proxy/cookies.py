@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import re
-import uuid
 from collections.abc import Iterable
 
 from edgeproxy.proxy.policy import Policy
@@ -40,75 +39,72 @@ def parse(cookie_headers: Iterable[bytes]) -> list[tuple[bytes, bytes]]:
 
 def visitor_id(cookies: list[tuple[bytes, bytes]], policy: Policy) -> tuple[bytes, str]:
     """The visitor id and where it came from: edge, legacy or new."""
-    s = policy.settings
-    own = s.visitor_cookie.encode()
+    own = policy.visitor_name
     for name, value in cookies:
         if name == own and _UUID.match(value):
             return value, "edge"
-    legacy = {n.encode() for n in s.legacy_cookies}
-    for name, value in cookies:
-        if name in legacy and _LEGACY.match(value):
-            return value, "legacy"
+    legacy = policy.legacy_names
+    if legacy:
+        for name, value in cookies:
+            if name in legacy and _LEGACY.match(value):
+                return value, "legacy"
     return new_visitor_id(), "new"
 
 
 _random = bytearray()
+_taken = 0
 
 
 def _forget_random() -> None:
+    global _taken
     _random.clear()  # a forked worker must never hand out its parent's ids
+    _taken = 0
 
 
 os.register_at_fork(after_in_child=_forget_random)
 
 
 def new_visitor_id() -> bytes:
-    """A UUIDv4 from a buffer of urandom bytes: one getrandom(2) per 256 ids, not per id
-    (per beacon it cost ~6% of a request)."""
-    if len(_random) < 16:
-        _random.extend(os.urandom(4096))
-    raw = bytes(_random[:16])
-    del _random[:16]
-    return str(uuid.UUID(bytes=raw, version=4)).encode()
+    """A UUIDv4 (RFC 9562) from a buffer of urandom bytes: one getrandom(2) per 256 ids, not
+    per id, and formatted here rather than through uuid.UUID (which cost 3x as much)."""
+    global _taken
+    if _taken + 16 > len(_random):
+        _random[:] = os.urandom(4096)
+        _taken = 0
+    raw = _random[_taken : _taken + 16]
+    _taken += 16
+    raw[6] = (raw[6] & 0x0F) | 0x40  # version 4
+    raw[8] = (raw[8] & 0x3F) | 0x80  # variant 10xx
+    x = raw.hex().encode()
+    return b"%s-%s-%s-%s-%s" % (x[:8], x[8:12], x[12:16], x[16:20], x[20:])
 
 
 def opted_out(cookies: list[tuple[bytes, bytes]], policy: Policy) -> bool:
-    name = policy.settings.opt_out_cookie.encode()
+    name = policy.opt_out_name
     return any(n == name for n, _ in cookies)
 
 
 def forwarded_cookie(cookies: list[tuple[bytes, bytes]], policy: Policy, visitor: bytes) -> bytes:
     """The Cookie header for the upstream: the validated visitor id once, then allowlisted
     upstream names. Whatever the client sent under the visitor cookie's name is dropped."""
-    s = policy.settings
-    own = s.visitor_cookie.encode()
-    allowed = {n.encode() for n in s.upstream_cookies} - {own}
-    rest = [b"%s=%s" % (n, v) for n, v in cookies if n in allowed]
-    return b"; ".join([b"%s=%s" % (own, visitor), *rest])
-
-
-def _domain(policy: Policy) -> bytes:
-    # No registrable domain (the host is a public suffix): a host-only cookie.
-    return b"; Domain=" + policy.registrable.encode() if policy.registrable else b""
+    own = b"%s=%s" % (policy.visitor_name, visitor)
+    allowed = policy.upstream_names
+    if not allowed or not cookies:
+        return own
+    return b"; ".join([own, *(b"%s=%s" % (n, v) for n, v in cookies if n in allowed)])
 
 
 def visitor_set_cookie(policy: Policy, vid: bytes) -> bytes:
-    s = policy.settings
-    return b"%s=%s%s; Path=/; Max-Age=%d; Secure; HttpOnly; SameSite=Lax" % (
-        s.visitor_cookie.encode(),
-        vid,
-        _domain(policy),
-        s.cookie_max_age_days * 86400,
-    )
+    return b"%s=%s%s" % (policy.visitor_name, vid, policy.visitor_attrs)
 
 
 def expire_visitor_cookie(policy: Policy) -> bytes:
     return b"%s=%s; Path=/; Max-Age=0; Secure; HttpOnly; SameSite=Lax" % (
-        policy.settings.visitor_cookie.encode(),
-        _domain(policy),
+        policy.visitor_name,
+        policy.cookie_domain,
     )
 
 
 def rewrite_domain(set_cookie: bytes, policy: Policy) -> bytes:
     """An upstream Set-Cookie with its Domain attribute (if any) set to the registrable one."""
-    return _DOMAIN_ATTR.sub(lambda m: _domain(policy), set_cookie)
+    return _DOMAIN_ATTR.sub(lambda m: policy.cookie_domain, set_cookie)

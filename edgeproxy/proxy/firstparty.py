@@ -1,7 +1,8 @@
 """What first-party context changes for one forwarded request: cookies, visitor id, CORS.
 
-Built once per request from its headers (`inspect`), then applied to the request head sent
-upstream (`request_headers`) and to the response head sent back (`response_headers`).
+Built once per request from its headers (`inspect`, or `decide` from the values the
+forwarder read), then applied to the request head sent upstream (`request_lines`) and to
+the response head sent back (`response_headers`, `added_response_headers`).
 See cookies.py and cors.py for the rules.
 """
 
@@ -48,7 +49,15 @@ def inspect(headers: list[Header], policy: Policy) -> FirstParty:
             acrm = value.strip()
         elif low == b"access-control-request-headers":
             acrh = value
-    pairs = cookies.parse(jar)
+    return decide(policy, jar, origin, acrm, acrh)
+
+
+def decide(
+    policy: Policy, jar: list[bytes], origin: bytes | None, acrm: bytes | None, acrh: bytes
+) -> FirstParty:
+    """The first-party decisions from the request headers that matter to them (the forwarder
+    collects those in its single pass over the head)."""
+    pairs = cookies.parse(jar) if jar else []
     visitor, source = cookies.visitor_id(pairs, policy)
     return FirstParty(
         policy=policy,
@@ -57,17 +66,15 @@ def inspect(headers: list[Header], policy: Policy) -> FirstParty:
         visitor=visitor,
         source=source,
         cookie=cookies.forwarded_cookie(pairs, policy, visitor),
-        opted_out=cookies.opted_out(pairs, policy),
+        opted_out=bool(pairs) and cookies.opted_out(pairs, policy),
         preflight_method=acrm,
         preflight_headers=acrh,
     )
 
 
-def request_headers(fp: FirstParty) -> list[Header]:
-    out = [(cookies.VISITOR_HEADER, fp.visitor)]
-    if fp.cookie:
-        out.append((b"Cookie", fp.cookie))
-    return out
+def request_lines(fp: FirstParty) -> bytes:
+    """The visitor id header and the allowlisted Cookie header, as header lines."""
+    return b"%s: %s\r\nCookie: %s\r\n" % (cookies.VISITOR_HEADER, fp.visitor, fp.cookie)
 
 
 def response_headers(headers: list[Header], fp: FirstParty) -> list[Header]:
@@ -80,8 +87,16 @@ def response_headers(headers: list[Header], fp: FirstParty) -> list[Header]:
         if low == b"set-cookie":
             value = cookies.rewrite_domain(value, fp.policy)
         out.append((name, value))
-    out.append((b"Set-Cookie", cookies.visitor_set_cookie(fp.policy, fp.visitor)))
-    out.append((b"Cache-Control", b"no-store"))
+    out += added_response_headers(fp)
+    return out
+
+
+def added_response_headers(fp: FirstParty) -> list[Header]:
+    """What the edge adds to a forwarded response (after dropping REPLACED names)."""
+    out = [
+        (b"Set-Cookie", cookies.visitor_set_cookie(fp.policy, fp.visitor)),
+        (b"Cache-Control", b"no-store"),
+    ]
     if fp.origin_allowed and fp.origin is not None:
         out += cors.grant(fp.origin)
     return out

@@ -27,6 +27,7 @@ import os
 import re
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import cast
@@ -38,17 +39,18 @@ from edgeproxy.config import Settings
 from edgeproxy.errors import UpstreamError, UpstreamTimeout
 from edgeproxy.logging import access_log, proxy_log
 from edgeproxy.metrics import NO_ROUTE, BatchedObserver, Metrics
-from edgeproxy.proxy import firstparty
+from edgeproxy.proxy import cookies, firstparty
 from edgeproxy.proxy.firstparty import FirstParty
 from edgeproxy.proxy.headers import (
     FORWARDING,
+    HOP_BY_HOP,
     Header,
     anonymize,
     client_address,
-    end_to_end,
     forwarding_headers,
+    is_trusted,
 )
-from edgeproxy.proxy.policy import PolicyBook
+from edgeproxy.proxy.policy import Policy, PolicyBook
 from edgeproxy.proxy.routes import RouteTable, RouteTarget, is_safe_path
 from edgeproxy.proxy.upstream import UpstreamConnection, UpstreamPool
 from edgeproxy.tls.sni import SNI_ATTR, HandshakeTally
@@ -106,7 +108,14 @@ class ProxyContext:
     _hist: dict[tuple[str, str], BatchedObserver] = field(default_factory=dict)
     _upstream_hist: dict[str, BatchedObserver] = field(default_factory=dict)
 
+    timer_step: float = 0.0
+    """How far ahead a connection's timer is set at most (see ClientConnection._arm)."""
+
     def __post_init__(self) -> None:
+        s = self.settings
+        self.timer_step = min(
+            s.server.header_timeout, s.server.keepalive_timeout, s.proxy.response_timeout
+        )
         for route in self.metrics.route_labels:
             child = self.metrics.upstream_duration.labels(route)
             self._upstream_hist[route] = BatchedObserver(child)
@@ -158,6 +167,13 @@ class Request:
         "host",
         "refusal",
         "fp",
+        "forward",
+        "jar",
+        "origin",
+        "acrm",
+        "acrh",
+        "expect_continue",
+        "upgrade_to",
     )
 
     def __init__(self) -> None:
@@ -187,6 +203,15 @@ class Request:
         """Cookies, visitor id and CORS for a forwarded request (see firstparty.py)."""
         self.refusal: tuple[int, str] | None = None
         """Found while parsing (bad framing, body over the limit): answered when its turn comes."""
+        # Read from the head in one pass (_read_head):
+        self.forward: list[Header] = []
+        """End-to-end headers passed upstream as they came (name case and order kept)."""
+        self.jar: list[bytes] = []
+        self.origin: bytes | None = None
+        self.acrm: bytes | None = None
+        self.acrh = b""
+        self.expect_continue = False
+        self.upgrade_to = b""
 
 
 class ClientConnection(asyncio.Protocol):
@@ -211,11 +236,21 @@ class ClientConnection(asyncio.Protocol):
         self.eof = False
         self.handshaken = False
         self._paused = 0
+        # One lazy timer per connection (see _arm): its deadline and what runs then.
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        self._deadline = 0.0
+        self._on_deadline: Callable[[], None] | None = None
         self._write_waiter: UpstreamConnection | None = None
         self._in_head = False
         self._head_bytes = 0
         self._in_trailers = False
+        # Upstream writes made while the parser runs are joined into one (see data_received).
+        self._feeding = False
+        self._cork: list[bytes] = []
+        self._cork_conn: UpstreamConnection | None = None
+        self.policy: Policy | None = None
+        self._forwarding: bytes | None = None
 
     # --- connection lifecycle --------------------------------------------------------------
 
@@ -233,6 +268,7 @@ class ClientConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         if not self.peer:  # set from a PROXY header, when the listener speaks it
             self.peer = peer[0] if isinstance(peer, tuple) else ""
+        self.policy = ctx.policies.for_domain(self.sni)
         if ctx.draining:
             transport.close()
             return
@@ -244,7 +280,10 @@ class ClientConnection(asyncio.Protocol):
             return
         self.closed = True
         self.parser = None  # break the parser <-> protocol cycle
-        self._disarm()
+        self._on_deadline = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self.ctx.connections.discard(self)
         self.ctx.metrics.connections_active.dec()
         if self.tunnel is not None:
@@ -272,6 +311,7 @@ class ClientConnection(asyncio.Protocol):
             if self._head_bytes > self.ctx.settings.server.max_header_bytes + 65536:
                 self._reject(431)
                 return
+        self._feeding = True
         try:
             self.parser.feed_data(data)  # type: ignore[union-attr]
         except httptools.HttpParserUpgrade as exc:
@@ -287,6 +327,26 @@ class ClientConnection(asyncio.Protocol):
                 raise cause from exc  # our bug, not the client's: let the loop log it
             else:
                 self._reject(400)
+        finally:
+            self._feeding = False
+            if self._cork:
+                self._uncork()
+
+    def write_upstream(self, conn: UpstreamConnection, data: bytes) -> None:
+        """Write to an upstream; while the parser runs, held back and joined (a head and
+        the body that came in the same read go in one write, not two)."""
+        if not self._feeding:
+            conn.write(data)
+            return
+        if self._cork and self._cork_conn is not conn:
+            self._uncork()
+        self._cork.append(data)
+        self._cork_conn = conn
+
+    def _uncork(self) -> None:
+        conn, out, self._cork, self._cork_conn = self._cork_conn, self._cork, [], None
+        if conn is not None:
+            conn.write(out[0] if len(out) == 1 else b"".join(out))
 
     def eof_received(self) -> bool | None:
         # Over TLS a half-close can't be kept open (asyncio's SSL transport ignores True), so
@@ -309,24 +369,47 @@ class ClientConnection(asyncio.Protocol):
 
     # --- timers and flow control -----------------------------------------------------------
 
-    def _arm(self, delay: float, callback: object) -> None:
-        self._disarm()
-        self._timer = self.loop.call_later(delay, callback)  # type: ignore[arg-type]
+    def _arm(self, delay: float, callback: Callable[[], None]) -> None:
+        """Run `callback` in `delay` seconds unless re-armed or disarmed before.
+
+        Lazy: the loop's timer is set at most `timer_step` (the shortest of the usual
+        timeouts) ahead and only checks the deadline when it fires, so the three timeouts of a
+        keep-alive request (header, response, idle) cost no timer operation at all; before,
+        each request created and cancelled three timers.
+        """
+        now = self.loop.time()
+        self._deadline = when = now + delay
+        self._on_deadline = callback
+        if self._timer is not None:
+            if self._timer_at <= when:
+                return  # fires first, then looks at the new deadline
+            self._timer.cancel()
+        self._timer_at = at = min(when, now + self.ctx.timer_step)
+        self._timer = self.loop.call_at(at, self._check_deadline)
 
     def _disarm(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._on_deadline = None
+
+    def _check_deadline(self) -> None:
+        self._timer = None
+        callback = self._on_deadline
+        if callback is None or self.closed:
+            return
+        now = self.loop.time()
+        if now < self._deadline:
+            self._timer_at = at = min(self._deadline, now + self.ctx.timer_step)
+            self._timer = self.loop.call_at(at, self._check_deadline)
+            return
+        self._on_deadline = None
+        callback()
 
     def _on_header_timeout(self) -> None:
-        self._timer = None
         if self.current is not None and self.current.header_bytes:
             self._reject(408)
         elif self.transport is not None:
             self.transport.close()
 
     def _on_idle_timeout(self) -> None:
-        self._timer = None
         if not self.queue and self.transport is not None:
             self.transport.close()
 
@@ -395,7 +478,7 @@ class ClientConnection(asyncio.Protocol):
         req.started = time.perf_counter()
         self._in_head = False
         self._in_trailers = True
-        _read_framing(req, self.ctx.settings.server.max_body_bytes)
+        _read_head(req, self.ctx.settings.server.max_body_bytes)
         self.queue.append(req)
         if len(self.queue) == 1:
             self._disarm()
@@ -482,7 +565,8 @@ class ClientConnection(asyncio.Protocol):
         req.route = target_route.prefix
         if ctx.draining:
             return self._respond(req, 503, "the edge is shutting down")
-        fp = req.fp = firstparty.inspect(req.headers, ctx.policies.for_domain(self.sni))
+        assert self.policy is not None  # set at connection_made
+        fp = req.fp = firstparty.decide(self.policy, req.jar, req.origin, req.acrm, req.acrh)
         if req.method == b"OPTIONS" and fp.preflight_method is not None:
             return self._answer(req, *firstparty.preflight_answer(fp))  # never forwarded
         if fp.opted_out:
@@ -612,6 +696,23 @@ class ClientConnection(asyncio.Protocol):
         if self.queue and self.queue[0] is head and head.exchange is not None:
             self._resume(_PAUSE_PIPELINE)
 
+    def forwarding_lines(self, req: Request) -> bytes:
+        """X-Forwarded-* and Forwarded for a request, as header lines. An untrusted peer's
+        incoming chain is discarded, so its lines are the same for every request: made once."""
+        if self._forwarding is not None:
+            return self._forwarding
+        settings = self.ctx.settings
+        trusted = settings.server.trusted_proxies
+        lines = b"".join(
+            b"%s: %s\r\n" % h
+            for h in forwarding_headers(
+                req.headers, self.peer, self.sni.encode(), trusted, settings.policy.anonymize_ip
+            )
+        )
+        if not is_trusted(self.peer, trusted):
+            self._forwarding = lines
+        return lines
+
     def _client(self, req: Request) -> str:
         """The visitor's address for the access log (anonymized when the policy says so)."""
         settings = self.ctx.settings
@@ -624,8 +725,7 @@ class ClientConnection(asyncio.Protocol):
             self.transport.close()
 
     def start_tunnel(self, conn: UpstreamConnection) -> None:
-        self.tunnel = conn
-        self._disarm()
+        self.tunnel = conn  # the exchange's idle timer stays armed: it bounds the tunnel
         early, self.tunnel_early = self.tunnel_early, b""
         if early:
             conn.write(early)
@@ -647,28 +747,72 @@ def head_bytes(status: int, reason: bytes, headers: list[Header], close: bool) -
     return b"".join(parts)
 
 
-def _read_framing(req: Request, max_body: int) -> None:
-    """Host, Content-Length and Transfer-Encoding, read once when the headers are complete.
+# What the single pass over a request head does with a header besides forwarding it as is.
+_H_DROP, _H_HOST, _H_LENGTH, _H_CODING, _H_CONNECTION, _H_COOKIE, _H_EXPECT, _H_UPGRADE = range(8)
+_H_ORIGIN, _H_ACRM, _H_ACRH = 8, 9, 10  # read, and forwarded too
+_REQUEST_KIND: dict[bytes, int] = {
+    # Rebuilt by the edge (forwarding chain, visitor id) or consumed (hop-by-hop): dropped.
+    **dict.fromkeys(HOP_BY_HOP | FORWARDING | firstparty.CONSUMED, _H_DROP),
+    b"host": _H_HOST,
+    b"content-length": _H_LENGTH,
+    b"transfer-encoding": _H_CODING,
+    b"connection": _H_CONNECTION,
+    b"cookie": _H_COOKIE,
+    b"expect": _H_EXPECT,
+    b"upgrade": _H_UPGRADE,
+    b"origin": _H_ORIGIN,
+    b"access-control-request-method": _H_ACRM,
+    b"access-control-request-headers": _H_ACRH,
+}
+
+
+def _read_head(req: Request, max_body: int) -> None:
+    """One pass over the request headers, once they are complete: framing (Host,
+    Content-Length, Transfer-Encoding), what first-party needs, and the end-to-end headers
+    to forward (hop-by-hop ones, those named in Connection and the rebuilt ones dropped).
 
     Anything wrong is kept as `req.refusal` and answered when the request's turn comes.
     """
+    forward = req.forward
+    tokens: list[bytes] = []
     for name, value in req.headers:
-        low = name.lower()
-        if low == b"host":
+        kind = _REQUEST_KIND.get(name.lower())
+        if kind is None:
+            forward.append((name, value))
+        elif kind >= _H_ORIGIN:
+            forward.append((name, value))
+            if kind == _H_ORIGIN:
+                req.origin = value.strip()
+            elif kind == _H_ACRM:
+                req.acrm = value.strip()
+            else:
+                req.acrh = value
+        elif kind == _H_COOKIE:
+            req.jar.append(value)
+        elif kind == _H_HOST:
             if req.host:
                 req.refusal = (400, "two Host headers")
             req.host = value.strip()
-        elif low == b"content-length":
+        elif kind == _H_LENGTH:
             try:
                 req.content_length = int(value)
             except ValueError:
                 req.refusal = (400, "bad Content-Length")
-        elif low == b"transfer-encoding":
+        elif kind == _H_CODING:
             req.chunked = True
             codings = [c.strip().lower() for c in value.split(b",")]
             if codings != [b"chunked"]:
                 # RFC 9112 6.1: a coding the edge can't decode is 501, never passed through
                 req.refusal = (501, "only the chunked transfer coding is supported")
+        elif kind == _H_CONNECTION:
+            tokens += [t.strip().lower() for t in value.split(b",")]
+        elif kind == _H_EXPECT:
+            req.expect_continue |= value.strip().lower() == b"100-continue"
+        elif kind == _H_UPGRADE and not req.upgrade_to:
+            req.upgrade_to = value
+    named = set(tokens) - HOP_BY_HOP - {b""}
+    if named:  # a header named in Connection is hop-by-hop too (RFC 9110 7.6.1)
+        req.forward = [(n, v) for n, v in forward if n.lower() not in named]
     if req.content_length is not None and req.content_length > max_body:
         req.refusal = (413, f"request body over {max_body} bytes")
 
@@ -698,7 +842,7 @@ class Exchange:
         "close_after",
         "status",
         "bytes_out",
-        "timer",
+        "timer_armed",
         "upstream_started",
         "last_activity",
         "reused",
@@ -718,7 +862,8 @@ class Exchange:
         self.close_after = False
         self.status = 0
         self.bytes_out = 0
-        self.timer: asyncio.TimerHandle | None = None
+        self.timer_armed = False
+        """The connection's timer is this exchange's (see ClientConnection._arm)."""
         self.upstream_started = 0.0
         self.last_activity = 0.0
         self.reused = False
@@ -730,14 +875,15 @@ class Exchange:
     def start(self) -> None:
         """Arm the timeout and send on a pooled connection right away when there is one;
         only a new connection needs a task (the common keep-alive case stays synchronous)."""
-        proxy = self.client.ctx.settings.proxy
-        loop = self.client.loop
+        client = self.client
+        proxy = client.ctx.settings.proxy
         self.upstream_started = time.perf_counter()
         timeout = (
             proxy.long_lived_idle_timeout if self.target.long_lived else proxy.response_timeout
         )
-        self.last_activity = loop.time()
-        self.timer = loop.call_later(timeout, self._on_timeout)
+        self.last_activity = client.loop.time()
+        client._arm(timeout, self._on_timeout)
+        self.timer_armed = True
         pool, alternative = self.target.pick()
         conn = pool.take_idle()
         if conn is not None:
@@ -787,36 +933,29 @@ class Exchange:
             self.client._resume(_PAUSE_BUFFER)
         if req.complete and req.chunked:
             parts.append(b"0\r\n\r\n")
-        conn.write(b"".join(parts))
-        if not req.complete and _expects_continue(req):
+        self.client.write_upstream(conn, b"".join(parts))
+        if not req.complete and req.expect_continue:
             self.client.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def _request_head(self, pool: UpstreamPool) -> bytes:
         req = self.req
         client = self.client
-        ctx = client.ctx
         # Host and framing are rebuilt from what the edge checked and parsed, never copied: a
         # header named in Connection, or a second copy, can't change what upstream reads.
-        headers = [(b"Host", req.host or client.sni.encode())]
-        headers += end_to_end(req.headers, _REBUILT)
+        parts = [
+            b"%s %s%s HTTP/1.1\r\nHost: %s\r\n"
+            % (req.method, pool.base_path, req.target, req.host or client.sni.encode())
+        ]
+        parts += [b"%s: %s\r\n" % h for h in req.forward]
         if req.content_length is not None and not req.chunked:
-            headers.append((b"Content-Length", b"%d" % req.content_length))
+            parts.append(b"Content-Length: %d\r\n" % req.content_length)
         if req.fp is not None:
-            headers += firstparty.request_headers(req.fp)
-        headers += forwarding_headers(
-            req.headers,
-            client.peer,
-            client.sni.encode(),
-            ctx.settings.server.trusted_proxies,
-            ctx.settings.policy.anonymize_ip,
-        )
+            parts.append(firstparty.request_lines(req.fp))
+        parts.append(client.forwarding_lines(req))
         if req.chunked:
-            headers.append((b"Transfer-Encoding", b"chunked"))
+            parts.append(b"Transfer-Encoding: chunked\r\n")
         if req.upgrade and self.target.long_lived:
-            upgrade = next((v for n, v in req.headers if n.lower() == b"upgrade"), b"")
-            headers += [(b"Connection", b"Upgrade"), (b"Upgrade", upgrade)]
-        parts = [b"%s %s%s HTTP/1.1\r\n" % (req.method, pool.base_path, req.target)]
-        parts.extend(b"%s: %s\r\n" % h for h in headers)
+            parts.append(b"Connection: Upgrade\r\nUpgrade: %s\r\n" % req.upgrade_to)
         parts.append(b"\r\n")
         return b"".join(parts)
 
@@ -824,14 +963,14 @@ class Exchange:
         conn = self.conn
         if conn is None or self.finished:
             return
-        conn.write(self._frame(data))
+        self.client.write_upstream(conn, self._frame(data))
 
     def _frame(self, data: bytes) -> bytes:
         return b"%x\r\n%s\r\n" % (len(data), data) if self.req.chunked else data
 
     def send_body_end(self) -> None:
         if self.req.chunked and self.conn is not None and not self.finished:
-            self.conn.write(b"0\r\n\r\n")
+            self.client.write_upstream(self.conn, b"0\r\n\r\n")
 
     # --- upstream callbacks (Sink) ---------------------------------------------------------
 
@@ -842,19 +981,37 @@ class Exchange:
             return
         req = self.req
         client = self.client
-        self.head_sent = True
-        self.status = status
-        out = end_to_end(headers)
-        close = not req.keep_alive or client.ctx.draining or req.version == "1.0"
         if status == 101 and not (req.upgrade and self.target.long_lived):
             # Switching protocols was never asked for here: don't hand the client a tunnel.
-            self.head_sent = False
             client.ctx.upstream_error(self.target.prefix, "broken")
             self.fail(502, "upstream switched protocols unasked")
             return
+        self.head_sent = True
+        self.status = status
+        fp = req.fp if status != 101 else None
+        # One pass: hop-by-hop headers (and, with first-party, the CORS and caching headers
+        # the edge decides) dropped, upstream Set-Cookie Domains rewritten.
+        drop = _RESPONSE_DROP_FIRST_PARTY if fp is not None else HOP_BY_HOP
+        out: list[Header] = []
+        tokens: list[bytes] = []
+        upgrade = b""
+        for name, value in headers:
+            low = name.lower()
+            if low in drop:
+                if low == b"connection":
+                    tokens += [t.strip().lower() for t in value.split(b",")]
+                elif low == b"upgrade" and not upgrade:
+                    upgrade = value
+                continue
+            if low == b"set-cookie" and fp is not None:
+                value = cookies.rewrite_domain(value, fp.policy)
+            out.append((name, value))
+        named = set(tokens) - HOP_BY_HOP - {b""}
+        if named:  # a header named in Connection is hop-by-hop too (RFC 9110 7.6.1)
+            out = [(n, v) for n, v in out if n.lower() not in named]
+        close = not req.keep_alive or client.ctx.draining or req.version == "1.0"
         if status == 101:
-            upgrade = next((v for n, v in headers if n.lower() == b"upgrade"), b"websocket")
-            out += [(b"Connection", b"Upgrade"), (b"Upgrade", upgrade)]
+            out += [(b"Connection", b"Upgrade"), (b"Upgrade", upgrade or b"websocket")]
             close = False
         elif not (
             status in (204, 304)
@@ -869,8 +1026,8 @@ class Exchange:
                 close = True
         if req.upgrade and status != 101:
             close = True  # the client's parser is past an upgrade request
-        if req.fp is not None and status != 101:
-            out = firstparty.response_headers(out, req.fp)
+        if fp is not None:
+            out += firstparty.added_response_headers(fp)
         self.close_after = close
         head = head_bytes(status, reason or _phrase(status), out, close)
         if status == 101:
@@ -950,15 +1107,14 @@ class Exchange:
         self.last_activity = self.client.loop.time()
 
     def _on_timeout(self) -> None:
-        self.timer = None
         if self.finished:
             return
         if self.target.long_lived:
-            loop = self.client.loop
-            idle_limit = self.client.ctx.settings.proxy.long_lived_idle_timeout
-            remaining = self.last_activity + idle_limit - loop.time()
+            client = self.client
+            idle_limit = client.ctx.settings.proxy.long_lived_idle_timeout
+            remaining = self.last_activity + idle_limit - client.loop.time()
             if remaining > 0.05:
-                self.timer = loop.call_later(remaining, self._on_timeout)
+                client._arm(remaining, self._on_timeout)
                 return
         self.client.ctx.upstream_error(self.target.prefix, "timeout")
         if not self.req.complete and self.conn is not None:
@@ -985,9 +1141,9 @@ class Exchange:
             self._done(499, keep_alive=False, abort=True)
 
     def _cancel_timer(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        if self.timer_armed:
+            self.timer_armed = False
+            self.client._disarm()
 
     def _release(self, abort: bool) -> None:
         conn, self.conn = self.conn, None
@@ -1023,9 +1179,7 @@ class Exchange:
         )
 
 
-_REBUILT = (
-    FORWARDING | firstparty.CONSUMED | {b"host", b"content-length", b"transfer-encoding", b"expect"}
-)
+_RESPONSE_DROP_FIRST_PARTY = HOP_BY_HOP | firstparty.REPLACED
 
 
 def _phrase(status: int) -> bytes:
@@ -1033,9 +1187,3 @@ def _phrase(status: int) -> bytes:
         return HTTPStatus(status).phrase.encode()
     except ValueError:
         return b"Unknown"
-
-
-def _expects_continue(req: Request) -> bool:
-    return any(
-        n.lower() == b"expect" and v.strip().lower() == b"100-continue" for n, v in req.headers
-    )

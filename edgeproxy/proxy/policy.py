@@ -11,7 +11,7 @@ Rules:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 from publicsuffixlist import PublicSuffixList
@@ -37,6 +37,33 @@ class Policy:
     registrable: str
     settings: DomainPolicy
     extra_origins: frozenset[bytes]
+    # Derived once per domain: the hot path compares and joins bytes, never re-encodes names.
+    visitor_name: bytes = field(init=False)
+    legacy_names: frozenset[bytes] = field(init=False)
+    upstream_names: frozenset[bytes] = field(init=False)
+    """Forwarded upstream besides the visitor cookie (never the visitor cookie's name)."""
+    opt_out_name: bytes = field(init=False)
+    cookie_domain: bytes = field(init=False)
+    """`; Domain=<registrable>`, or empty for a host-only cookie."""
+    visitor_attrs: bytes = field(init=False)
+    """What follows `name=value` in the visitor cookie's Set-Cookie."""
+
+    def __post_init__(self) -> None:
+        s = self.settings
+        visitor = s.visitor_cookie.encode()
+        # No registrable domain (the host is a public suffix): a host-only cookie.
+        domain = b"; Domain=" + self.registrable.encode() if self.registrable else b""
+        derived = {
+            "visitor_name": visitor,
+            "legacy_names": frozenset(n.encode() for n in s.legacy_cookies),
+            "upstream_names": frozenset(n.encode() for n in s.upstream_cookies) - {visitor},
+            "opt_out_name": s.opt_out_cookie.encode(),
+            "cookie_domain": domain,
+            "visitor_attrs": b"%s; Path=/; Max-Age=%d; Secure; HttpOnly; SameSite=Lax"
+            % (domain, s.cookie_max_age_days * 86400),
+        }
+        for name, value in derived.items():
+            object.__setattr__(self, name, value)  # frozen: set once, here
 
     def origin_allowed(self, origin: bytes) -> bool:
         if origin in self.extra_origins:

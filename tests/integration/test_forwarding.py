@@ -10,7 +10,9 @@ import uuid
 import pytest
 
 from tests.conftest import DOMAINS
+from tests.integration.conftest import base_config
 from tests.support.client import Conn, build, request
+from tests.support.edge import Edge
 from tests.support.upstream import RawUpstream
 
 HOST = DOMAINS[0]
@@ -375,3 +377,41 @@ async def test_request_metrics_by_route_and_status_class(edge, client_ctx):
         edge.sample("edgeproxy_request_duration_seconds_count", route="none", status_class="4xx")
         >= 1
     )
+
+
+async def test_timeouts_longer_than_the_timer_step_still_hold(
+    tmp_path, certs_dir, upstream, chat_upstream, trust_bundle, client_ctx
+):
+    """A connection's timer is lazy: set at most the shortest timeout (response_timeout,
+    1.5 s here) ahead, then moved on to the real deadline. An idle keep-alive connection
+    (3.5 s) must survive that first wake-up, serve a request after it, and still be closed
+    at its own deadline; a head started later gets header_timeout from its own start."""
+    config = base_config(certs_dir, upstream, chat_upstream, trust_bundle)
+    config["server"]["keepalive_timeout"] = 3.5
+    e = Edge(tmp_path, config)
+    e.start()
+    try:
+        conn = await Conn.open(e.port, HOST, client_ctx)
+        conn.send(build("GET", "/track/a", HOST))
+        await conn.read_responses(1)
+        await asyncio.sleep(2.0)  # past the first wake-up, before the keep-alive deadline
+        conn.send(build("GET", "/track/b", HOST))
+        responses = await conn.read_responses(2)
+        assert [r.status for r in responses] == [200, 200]
+        idle_from = time.monotonic()
+        assert await conn.read_eof(timeout=8) == b""
+        assert 3.0 < time.monotonic() - idle_from < 5.0
+        await conn.close()
+
+        conn = await Conn.open(e.port, HOST, client_ctx)
+        conn.send(build("GET", "/track/a", HOST))
+        await conn.read_responses(1)
+        await asyncio.sleep(1.0)
+        conn.send(b"GET /track HTTP/1.1\r\nHost: ")  # and no more: 408 at header_timeout (2 s)
+        started = time.monotonic()
+        responses = await conn.read_responses(2, timeout=8)
+        await conn.close()
+        assert [r.status for r in responses] == [200, 408]
+        assert 1.7 < time.monotonic() - started < 3.2
+    finally:
+        assert e.stop() == 0
