@@ -8,21 +8,21 @@ Control process (`run_registry`):
 3. a read that races a write is retried shortly (up to ~2 s), and a full rescan every
    `certs.rescan_interval` seconds catches anything the watcher missed.
 
-Worker processes (`watch_served`): watch the registry's served folder and swap the one
-changed domain's context; a rescan every `rescan_interval` catches anything missed.
+Worker processes (`watch_served`): watch the registry's served folder (inotify, from the
+event loop) and swap the one changed domain's context; a rescan every `rescan_interval`
+catches anything missed.
 Neither loop ever restarts a process.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
-from pathlib import Path
-
-from watchfiles import awatch
 
 from edgeproxy.asyncio_utils import create_task
+from edgeproxy.inotify import RESCAN, FolderWatch
 from edgeproxy.logging import reload_log
 from edgeproxy.tls.registry import CertRegistry
 from edgeproxy.tls.source import RESCAN_ALL, BundleSource
@@ -126,61 +126,73 @@ async def run_registry(
         rescan_task.cancel()
 
 
-SYNC_TICK_MS = 100
-"""Workers wake this often when idle, to report how current they are."""
+SYNC_TICK = 0.1
+"""Workers report this often how current they are (the admin API's preparing -> active)."""
 
 
 async def watch_served(
     store: CertStore,
     stop: asyncio.Event,
     *,
-    step_ms: int,
     rescan_interval: float,
     on_change: Callable[[], None],
     on_synced: Callable[[float], None] = lambda _t: None,
 ) -> None:
-    """Worker side: follow the served folder the registry publishes into.
+    """Worker side: follow the served folder the registry publishes into, from the event loop
+    (inotify, see inotify.py), until `stop` is set.
 
-    `on_synced(t)` is told that everything published before `t` is served: after a batch,
-    nothing arrived during the last `step_ms`; after an idle tick, nothing during the tick.
-    The admin API turns that into `preparing` -> `active`.
+    `on_synced(t)` is told that everything published before `t` is served: the kernel queues
+    a rename's event inside the rename, so once the queue is read empty after `t`, every
+    publish before `t` has been applied.
     """
-    served: Path = store.dir
-    served.mkdir(parents=True, exist_ok=True)
     loop = asyncio.get_running_loop()
+    watch = FolderWatch(store.dir)
+    # The watch is in place before this scan: anything published from now on raises an event.
+    store.scan()
+    on_change()
 
-    def rescan() -> None:
-        if stop.is_set():
-            return
-        store.scan()
-        on_change()
-        loop.call_later(rescan_interval, rescan)
-
-    loop.call_later(rescan_interval, rescan)
-    watching = False
-    async for batch in awatch(
-        served,
-        stop_event=stop,
-        step=step_ms,
-        debounce=200,
-        watch_filter=lambda _c, p: p.endswith(SERVED_SUFFIX),
-        recursive=False,
-        rust_timeout=SYNC_TICK_MS,
-        yield_on_timeout=True,
-    ):
-        received = time.time()
-        if not watching:
-            # The first yield means the watch is in place: whatever the registry published
-            # between the worker's first scan and now raised no event here, so scan again.
-            watching = True
+    def apply() -> None:
+        started = time.time()
+        changed = watch.read()
+        if changed is RESCAN:
+            with contextlib.suppress(OSError):
+                watch.rewatch()  # the folder was replaced: watch the new one
             store.scan()
             on_change()
-        for _, path in batch:
-            name = Path(path).name
-            if not name.startswith("."):
-                store.refresh(name[: -len(SERVED_SUFFIX)])
-        if batch:
-            on_change()
-            on_synced(received - step_ms / 1000 - 0.01)
         else:
-            on_synced(received - SYNC_TICK_MS / 1000 - 0.01)
+            assert isinstance(changed, set)
+            names = [
+                n[: -len(SERVED_SUFFIX)]
+                for n in changed
+                if n.endswith(SERVED_SUFFIX) and not n.startswith(".")
+            ]
+            for name in names:
+                store.refresh(name)
+            if names:
+                on_change()
+        on_synced(started - 0.001)
+
+    timers: list[asyncio.TimerHandle] = []
+
+    def every(interval: float, fn: Callable[[], None]) -> None:
+        def run() -> None:
+            fn()
+            timers[i] = loop.call_later(interval, run)
+
+        i = len(timers)
+        timers.append(loop.call_later(interval, run))
+
+    def rescan() -> None:
+        store.scan()
+        on_change()
+
+    loop.add_reader(watch.fileno(), apply)
+    every(SYNC_TICK, apply)
+    every(rescan_interval, rescan)
+    try:
+        await stop.wait()
+    finally:
+        loop.remove_reader(watch.fileno())
+        for timer in timers:
+            timer.cancel()
+        watch.close()

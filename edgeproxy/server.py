@@ -35,7 +35,6 @@ from edgeproxy.reload import watch_served
 from edgeproxy.tls.sni import HandshakeTally, install_sni_callback
 from edgeproxy.tls.store import CertStore
 
-SERVED_STEP_MS = 5
 METRICS_FLUSH_INTERVAL = 0.2
 """Request histograms are written in bulk this often (see metrics.BatchedObserver)."""
 
@@ -204,9 +203,6 @@ class Worker:
             watch_served(
                 self.store,
                 self.stopping,
-                # The served folder only ever sees one atomic rename per change: no burst to
-                # wait out, so the shortest step picks it up.
-                step_ms=SERVED_STEP_MS,
                 rescan_interval=certs.rescan_interval,
                 on_change=lambda: self.metrics.certificates_loaded.set(len(self.store)),
                 on_synced=self.metrics.served_synced.set,

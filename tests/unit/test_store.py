@@ -105,7 +105,7 @@ def test_domain_names():
 
 async def test_a_file_published_before_the_watch_starts_is_picked_up(tmp_path, intermediate):
     """Published between a worker's first scan and its watch being in place: no event comes,
-    so the first tick of the watch scans again (this once left a worker unready for 60 s)."""
+    so the watch scans once it is in place (this once left a worker unready for 60 s)."""
     import asyncio
 
     from edgeproxy.reload import watch_served
@@ -119,7 +119,6 @@ async def test_a_file_published_before_the_watch_starts_is_picked_up(tmp_path, i
         watch_served(
             store,
             stop,
-            step_ms=5,
             rescan_interval=60.0,
             on_change=lambda: changes.append(len(store)),
         )
