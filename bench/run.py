@@ -358,7 +358,7 @@ def stderr_summary(path: Path) -> dict[str, Any]:
 
 
 def wrk(url: str, seconds: float, conns: int, script: Path, threads: int = 1) -> dict[str, Any]:
-    cmd = ["wrk", f"-t{threads}", f"-c{conns}", f"-d{seconds}s", "--latency", "-s", str(script)]
+    cmd = ["wrk", f"-t{threads}", f"-c{conns}", f"-d{seconds:g}s", "--latency", "-s", str(script)]
     out = subprocess.run(
         [*cmd, url], capture_output=True, text=True, check=True, timeout=seconds + 60
     ).stdout
