@@ -51,32 +51,28 @@ def visitor_id(cookies: list[tuple[bytes, bytes]], policy: Policy) -> tuple[byte
     return new_visitor_id(), "new"
 
 
-_random = bytearray()
-_taken = 0
+_ids: list[bytes] = []
+_VARIANT = {c: "89ab"[int(c, 16) & 3] for c in "0123456789abcdef"}  # RFC 9562 variant 10xx
 
 
-def _forget_random() -> None:
-    global _taken
-    _random.clear()  # a forked worker must never hand out its parent's ids
-    _taken = 0
+def _forget_ids() -> None:
+    _ids.clear()  # a forked worker must never hand out its parent's ids
 
 
-os.register_at_fork(after_in_child=_forget_random)
+os.register_at_fork(after_in_child=_forget_ids)
 
 
 def new_visitor_id() -> bytes:
-    """A UUIDv4 (RFC 9562) from a buffer of urandom bytes: one getrandom(2) per 256 ids, not
-    per id, and formatted here rather than through uuid.UUID (which cost 3x as much)."""
-    global _taken
-    if _taken + 16 > len(_random):
-        _random[:] = os.urandom(4096)
-        _taken = 0
-    raw = _random[_taken : _taken + 16]
-    _taken += 16
-    raw[6] = (raw[6] & 0x0F) | 0x40  # version 4
-    raw[8] = (raw[8] & 0x3F) | 0x80  # variant 10xx
-    x = raw.hex().encode()
-    return b"%s-%s-%s-%s-%s" % (x[:8], x[8:12], x[12:16], x[16:20], x[20:])
+    """A UUIDv4 (RFC 9562). Made 256 at a time from one getrandom(2) and formatted here, not
+    through uuid.UUID: per beacon that had cost ~6% of a request, now a list pop."""
+    if not _ids:
+        x = os.urandom(4096).hex()
+        _ids.extend(
+            f"{x[i : i + 8]}-{x[i + 8 : i + 12]}-4{x[i + 13 : i + 16]}-"
+            f"{_VARIANT[x[i + 16]]}{x[i + 17 : i + 20]}-{x[i + 20 : i + 32]}".encode()
+            for i in range(0, 8192, 32)
+        )
+    return _ids.pop()
 
 
 def opted_out(cookies: list[tuple[bytes, bytes]], policy: Policy) -> bool:

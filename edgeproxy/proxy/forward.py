@@ -251,6 +251,7 @@ class ClientConnection(asyncio.Protocol):
         self._cork_conn: UpstreamConnection | None = None
         self.policy: Policy | None = None
         self._forwarding: bytes | None = None
+        self._good_host = b""
 
     # --- connection lifecycle --------------------------------------------------------------
 
@@ -500,7 +501,8 @@ class ClientConnection(asyncio.Protocol):
             return
         ex = req.exchange
         if ex is not None and ex.conn is not None:
-            ex.send_body(body)
+            if not ex.finished:
+                self.write_upstream(ex.conn, _chunk(body) if req.chunked else body)
             if len(req.chunks) < 64 and req.body_size <= REPLAY_LIMIT:
                 req.chunks.append(body)
         else:
@@ -513,8 +515,10 @@ class ClientConnection(asyncio.Protocol):
         assert req is not None
         self.current = None
         req.complete = True
-        if req.exchange is not None and req.exchange.conn is not None and not req.discard:
-            req.exchange.send_body_end()
+        ex = req.exchange
+        if req.chunked and ex is not None and ex.conn is not None and not ex.finished:
+            if not req.discard:
+                self.write_upstream(ex.conn, b"0\r\n\r\n")
         if self.queue and self.queue[0] is not req:
             # Pipelined behind a response still in progress: read no further for now.
             self._pause(_PAUSE_PIPELINE)
@@ -551,10 +555,12 @@ class ClientConnection(asyncio.Protocol):
             if req.version != "1.0":
                 return self._respond(req, 400, "missing Host header")
             host = self.sni.encode()
-        if not _HOST_RE.match(host):
-            return self._respond(req, 400, "invalid Host")
-        if _host_name(host) != self.sni:
-            return self._respond(req, 421, "this connection serves another host")
+        if host != self._good_host:  # checked once per connection, not per request
+            if not _HOST_RE.match(host):
+                return self._respond(req, 400, "invalid Host")
+            if _host_name(host) != self.sni:
+                return self._respond(req, 421, "this connection serves another host")
+            self._good_host = host
         req.host = host
         if not is_safe_path(path):
             return self._respond(req, 400, "dot segments are not allowed in the path")
@@ -884,7 +890,11 @@ class Exchange:
         self.last_activity = client.loop.time()
         client._arm(timeout, self._on_timeout)
         self.timer_armed = True
-        pool, alternative = self.target.pick()
+        target = self.target
+        if len(target.pools) == 1:
+            pool, alternative = target.pools[0], None
+        else:
+            pool, alternative = target.pick()
         conn = pool.take_idle()
         if conn is not None:
             self.reused = True
@@ -927,7 +937,7 @@ class Exchange:
         # Head, the body so far and the terminator in one write: one syscall, not three.
         parts = [self._request_head(pool)]
         if req.chunks:
-            parts += [self._frame(chunk) for chunk in req.chunks]
+            parts += [_chunk(c) for c in req.chunks] if req.chunked else req.chunks
             if req.body_size > REPLAY_LIMIT:
                 req.chunks = []
             self.client._resume(_PAUSE_BUFFER)
@@ -951,7 +961,7 @@ class Exchange:
             parts.append(b"Content-Length: %d\r\n" % req.content_length)
         if req.fp is not None:
             parts.append(firstparty.request_lines(req.fp))
-        parts.append(client.forwarding_lines(req))
+        parts.append(client._forwarding or client.forwarding_lines(req))
         if req.chunked:
             parts.append(b"Transfer-Encoding: chunked\r\n")
         if req.upgrade and self.target.long_lived:
@@ -959,24 +969,9 @@ class Exchange:
         parts.append(b"\r\n")
         return b"".join(parts)
 
-    def send_body(self, data: bytes) -> None:
-        conn = self.conn
-        if conn is None or self.finished:
-            return
-        self.client.write_upstream(conn, self._frame(data))
-
-    def _frame(self, data: bytes) -> bytes:
-        return b"%x\r\n%s\r\n" % (len(data), data) if self.req.chunked else data
-
-    def send_body_end(self) -> None:
-        if self.req.chunked and self.conn is not None and not self.finished:
-            self.client.write_upstream(self.conn, b"0\r\n\r\n")
-
     # --- upstream callbacks (Sink) ---------------------------------------------------------
 
-    def on_upstream_head(
-        self, status: int, reason: bytes, headers: list[Header], framed: bool, keep_alive: bool
-    ) -> None:
+    def on_upstream_head(self, status: int, reason: bytes, headers: list[Header]) -> None:
         if self.finished:
             return
         req = self.req
@@ -1180,6 +1175,10 @@ class Exchange:
 
 
 _RESPONSE_DROP_FIRST_PARTY = HOP_BY_HOP | firstparty.REPLACED
+
+
+def _chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
 
 
 def _phrase(status: int) -> bytes:

@@ -31,9 +31,7 @@ from edgeproxy.proxy.headers import Header
 class Sink(Protocol):
     """What an upstream connection reports to while it carries one exchange."""
 
-    def on_upstream_head(
-        self, status: int, reason: bytes, headers: list[Header], framed: bool, keep_alive: bool
-    ) -> None: ...
+    def on_upstream_head(self, status: int, reason: bytes, headers: list[Header]) -> None: ...
     def on_upstream_body(self, data: bytes) -> None: ...
     def on_upstream_complete(self) -> None: ...
     def on_upstream_upgraded(self, rest: bytes) -> None: ...
@@ -62,7 +60,6 @@ class UpstreamConnection(asyncio.Protocol):
         "_skip",
         "_reusable",
         "_head_only",
-        "_framed",
     )
 
     def __init__(self, pool: UpstreamPool) -> None:
@@ -79,7 +76,6 @@ class UpstreamConnection(asyncio.Protocol):
         self._skip = False
         self._reusable = False
         self._head_only = False
-        self._framed = True
 
     # --- driving one exchange --------------------------------------------------------------
 
@@ -145,7 +141,7 @@ class UpstreamConnection(asyncio.Protocol):
         sink, self.sink = self.sink, None
         if sink is None:
             return
-        if self._status and not self._framed and not self.tunnel and exc is None:
+        if self._status and not self.tunnel and exc is None and not self._framed():
             sink.on_upstream_complete()  # a close-delimited body ends at a clean EOF
         else:
             sink.on_upstream_lost(exc)
@@ -182,15 +178,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self._skip or self.sink is None:
             return
         self._status = status
-        framed = (
-            status in (101, 204, 304)
-            or self._head_only
-            or any(n.lower() in (b"content-length", b"transfer-encoding") for n, _ in self._headers)
-        )
-        self._framed = framed
-        self.sink.on_upstream_head(
-            status, self._reason, self._headers, framed, self.parser.should_keep_alive()
-        )
+        self.sink.on_upstream_head(status, self._reason, self._headers)
         if self._head_only and self.sink is not None:
             # llhttp cannot be told the request was HEAD, so it would wait for a body the
             # upstream never sends: finish here and retire the connection.
@@ -198,6 +186,14 @@ class UpstreamConnection(asyncio.Protocol):
             self._status = 0
             sink.on_upstream_complete()
             self.abort()
+
+    def _framed(self) -> bool:
+        """Whether the response in progress says where its body ends (else EOF ends it)."""
+        return (
+            self._status in (101, 204, 304)
+            or self._head_only
+            or any(n.lower() in (b"content-length", b"transfer-encoding") for n, _ in self._headers)
+        )
 
     def on_body(self, body: bytes) -> None:
         if self.sink is not None:
