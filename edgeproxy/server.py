@@ -53,11 +53,7 @@ class Worker:
         self.base_ctx = base_ctx
         self.metrics = Metrics(registry or CollectorRegistry(), [r.prefix for r in settings.routes])
         self.store = CertStore(settings.certs.state / "served", settings.certs.cache_size)
-        handshakes = {
-            r: self.metrics.tls_handshakes.labels(r)
-            for r in ("ok", "unknown_sni", "no_sni", "error")
-        }
-        self.tally = HandshakeTally(lambda result: handshakes[result].inc())
+        self.tally = HandshakeTally()
         pools = {
             url: UpstreamPool(url, settings.proxy)
             for route in settings.routes

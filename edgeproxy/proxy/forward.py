@@ -30,7 +30,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import cast
+from typing import Any, cast
 
 import httptools
 
@@ -107,6 +107,8 @@ class ProxyContext:
     pid: int = field(default_factory=os.getpid)
     _hist: dict[tuple[str, str], BatchedObserver] = field(default_factory=dict)
     _upstream_hist: dict[str, BatchedObserver] = field(default_factory=dict)
+    _handshakes: dict[str, Any] = field(default_factory=dict)
+    _active_flushed: int = 0
 
     timer_step: float = 0.0
     """How far ahead a connection's timer is set at most (see ClientConnection._arm)."""
@@ -116,6 +118,7 @@ class ProxyContext:
         self.timer_step = min(
             s.server.header_timeout, s.server.keepalive_timeout, s.proxy.response_timeout
         )
+        self._handshakes = {r: self.metrics.tls_handshakes.labels(r) for r in self.tally.RESULTS}
         for route in self.metrics.route_labels:
             child = self.metrics.upstream_duration.labels(route)
             self._upstream_hist[route] = BatchedObserver(child)
@@ -124,8 +127,13 @@ class ProxyContext:
                 self._hist[(route, cls)] = BatchedObserver(child)
 
     def flush_metrics(self) -> None:
+        """Hand what the hot path counted in plain Python to the (multiprocess) metrics."""
         for observer in (*self._hist.values(), *self._upstream_hist.values()):
             observer.flush()
+        self.tally.flush(lambda result, n: self._handshakes[result].inc(n))
+        if len(self.connections) != self._active_flushed:
+            self._active_flushed = len(self.connections)
+            self.metrics.connections_active.set(self._active_flushed)
 
     def observe(self, route: str, status: int, seconds: float) -> None:
         cls = f"{min(max(status // 100, 1), 5)}xx"
@@ -262,8 +270,7 @@ class ClientConnection(asyncio.Protocol):
         self.handshaken = True
         ctx = self.ctx
         ctx.tally.ok()
-        ctx.metrics.connections_active.inc()
-        ctx.connections.add(self)
+        ctx.connections.add(self)  # edgeproxy_connections_active is its size, at each flush
         sslobj = transport.get_extra_info("ssl_object")
         self.sni = getattr(sslobj, SNI_ATTR, "") if sslobj is not None else ""
         peer = transport.get_extra_info("peername")
@@ -286,7 +293,6 @@ class ClientConnection(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
         self.ctx.connections.discard(self)
-        self.ctx.metrics.connections_active.dec()
         if self.tunnel is not None:
             self.tunnel.abort()
             self.tunnel = None

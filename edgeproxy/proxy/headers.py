@@ -2,7 +2,8 @@
 
 Rules:
 - Hop-by-hop headers (RFC 9110 section 7.6.1) and every header named in `Connection` are
-  consumed by the edge, never forwarded, in either direction.
+  consumed by the edge, never forwarded, in either direction (the forwarder applies this in
+  its one pass over each head: forward._read_head and Exchange.on_upstream_head).
 - X-Forwarded-For, X-Forwarded-Proto, X-Forwarded-Host and Forwarded (RFC 7239) are built
   fresh. An incoming chain is kept only when the TCP peer is a configured trusted proxy;
   from anyone else it is discarded, so a client cannot choose the address upstream sees.
@@ -46,25 +47,6 @@ FORWARDING = frozenset(
         b"x-cluster-client-ip",
     }
 )
-
-
-def connection_tokens(headers: Sequence[Header]) -> frozenset[bytes]:
-    """Lower-cased tokens of every Connection header (`close`, `upgrade`, header names)."""
-    tokens: set[bytes] = set()
-    for name, value in headers:
-        if name.lower() == b"connection":
-            tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
-    return frozenset(tokens)
-
-
-def end_to_end(headers: Sequence[Header], drop: frozenset[bytes] = frozenset()) -> list[Header]:
-    """Headers minus hop-by-hop ones, those named in Connection, and `drop` (lower-case)."""
-    named = connection_tokens(headers)
-    return [
-        (n, v)
-        for n, v in headers
-        if (low := n.lower()) not in HOP_BY_HOP and low not in named and low not in drop
-    ]
 
 
 def is_trusted(address: str, trusted: Sequence[Network]) -> bool:

@@ -7,7 +7,8 @@ import ipaddress
 import pytest
 
 from edgeproxy.config import ProxySettings, Route
-from edgeproxy.proxy.headers import end_to_end, forwarding_headers
+from edgeproxy.proxy.forward import Request, _read_head
+from edgeproxy.proxy.headers import forwarding_headers
 from edgeproxy.proxy.routes import RouteTable, is_safe_path
 from edgeproxy.proxy.upstream import UpstreamPool
 
@@ -71,16 +72,44 @@ def test_path_safety(path, safe):
     assert is_safe_path(path) is safe
 
 
-def test_end_to_end_drops_hop_by_hop_and_connection_named():
-    headers = [
+def test_one_pass_over_a_request_head():
+    """Framing, first-party inputs and the end-to-end headers, from one pass (forward.py)."""
+    req = Request()
+    req.headers = [
+        (b"Host", b"t.example.com"),
         (b"Connection", b"close, X-A"),
         (b"X-A", b"1"),
         (b"Keep-Alive", b"5"),
-        (b"Transfer-Encoding", b"chunked"),
+        (b"Content-Length", b"12"),
         (b"X-B", b"2"),
         (b"TE", b"trailers"),
+        (b"Cookie", b"a=1"),
+        (b"Origin", b"https://www.example.com"),
+        (b"X-Forwarded-For", b"6.6.6.6"),
+        (b"X-Edge-Visitor-Id", b"forged"),
+        (b"Expect", b"100-continue"),
     ]
-    assert end_to_end(headers) == [(b"X-B", b"2")]
+    _read_head(req, max_body=100)
+    assert req.forward == [(b"X-B", b"2"), (b"Origin", b"https://www.example.com")]
+    assert (req.host, req.content_length, req.chunked) == (b"t.example.com", 12, False)
+    assert req.jar == [b"a=1"] and req.origin == b"https://www.example.com"
+    assert req.expect_continue and req.refusal is None
+
+
+@pytest.mark.parametrize(
+    ("headers", "refusal"),
+    [
+        ([(b"Host", b"a"), (b"Host", b"b")], 400),
+        ([(b"Content-Length", b"x")], 400),
+        ([(b"Content-Length", b"101")], 413),
+        ([(b"Transfer-Encoding", b"gzip, chunked")], 501),
+    ],
+)
+def test_a_bad_head_is_refused_when_its_turn_comes(headers, refusal):
+    req = Request()
+    req.headers = headers
+    _read_head(req, max_body=100)
+    assert req.refusal is not None and req.refusal[0] == refusal
 
 
 def test_forwarding_headers_untrusted_peer_discards_chain():

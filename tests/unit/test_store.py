@@ -69,8 +69,7 @@ def test_sni_callback_refuses_unknown_and_missing_names(tmp_path, intermediate):
     _serve(tmp_path, "t.good.test", intermediate)
     store = CertStore(tmp_path, cache_size=10)
     store.scan()
-    counts: dict[str, int] = {}
-    tally = HandshakeTally(lambda r: counts.__setitem__(r, counts.get(r, 0) + 1))
+    tally = HandshakeTally()
     base = new_server_context()
     install_sni_callback(base, store.context_for, tally)
     cb = base.sni_callback
@@ -80,11 +79,14 @@ def test_sni_callback_refuses_unknown_and_missing_names(tmp_path, intermediate):
     assert cb(sslobj, "t.other.test", base) == ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
     assert cb(sslobj, "T.Good.Test.", base) is None
     assert sslobj.context is store.context_for("t.good.test")
-    assert counts == {"no_sni": 1, "unknown_sni": 1}
+    assert tally.counts == {"ok": 0, "no_sni": 1, "unknown_sni": 1, "error": 0}
     tally.failed()  # claims one refusal, so it's no error
     tally.failed()
     tally.failed()
-    assert counts == {"no_sni": 1, "unknown_sni": 1, "error": 1}
+    flushed: dict[str, int] = {}
+    tally.flush(flushed.__setitem__)
+    assert flushed == {"no_sni": 1, "unknown_sni": 1, "error": 1}
+    assert set(tally.counts.values()) == {0}  # handed over once
 
 
 def test_domain_names():
