@@ -42,7 +42,7 @@ async def test_each_sni_gets_its_own_certificate(edge: Edge, client_ctx, certs_d
 
 async def test_unknown_sni_is_refused(edge: Edge, client_ctx):
     """An unregistered name gets an alert, not somebody else's certificate."""
-    before = edge.sample("edgeproxy_tls_handshakes_total", result="unknown_sni")
+    before = edge.settled_sample("edgeproxy_tls_handshakes_total", result="unknown_sni")
     ctx = ssl.create_default_context()
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE  # accept anything: proves no certificate is sent at all
@@ -57,7 +57,7 @@ async def test_unknown_sni_is_refused(edge: Edge, client_ctx):
 
 async def test_missing_sni_is_refused(edge: Edge):
     """A client that sends no SNI (a scanner on the bare IP) gets no certificate."""
-    before = edge.sample("edgeproxy_tls_handshakes_total", result="no_sni")
+    before = edge.settled_sample("edgeproxy_tls_handshakes_total", result="no_sni")
     ctx = ssl.create_default_context()
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
@@ -119,7 +119,7 @@ def test_stalled_handshake_is_cut(edge: Edge):
 
 def test_garbage_handshake_counts_as_error(edge: Edge):
     """Bytes that are not TLS fail the handshake and are counted as result=error."""
-    before = edge.sample("edgeproxy_tls_handshakes_total", result="error")
+    before = edge.settled_sample("edgeproxy_tls_handshakes_total", result="error")
     with socket.create_connection(("127.0.0.1", edge.port)) as s:
         s.settimeout(5)
         s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")

@@ -108,6 +108,18 @@ class Edge:
                 return float(value)
         return 0.0
 
+    def settled_sample(self, name: str, **labels: str) -> float:
+        """A sample once it stops moving: workers hand counts over every 0.2 s, so a reading
+        taken right after earlier traffic may not include it yet."""
+        value = self.sample(name, **labels)
+        for _ in range(20):
+            time.sleep(0.3)
+            again = self.sample(name, **labels)
+            if again == value:
+                break
+            value = again
+        return value
+
     def wait_sample(self, name: str, want: float, timeout: float = 3.0, **labels: str) -> float:
         """A sample once it reaches `want` (histograms are flushed a few times a second)."""
         deadline = time.monotonic() + timeout
