@@ -5,8 +5,9 @@ It serves no customer traffic, so validation work or a slow scrape never delays 
   the served folder the workers follow (see tls/registry.py, reload.py).
 - `/metrics` sums every worker's values from the multiprocess directory and adds the
   certificate metrics the registry owns.
-- `/readyz` is 200 only when the registry has synced and every worker reports its
-  listeners up and its certificates indexed.
+- `/readyz` is 200 only when every worker reports its listeners up and serves every
+  certificate validated so far (at a restart: the last run's, at once; what changed on disk
+  while the edge was down follows within seconds, `certificates_synced` says when).
 """
 
 from __future__ import annotations
@@ -75,15 +76,15 @@ def build_app(settings: Settings, registry: CertRegistry) -> web.Application:
         ready = scrape.get_sample_value("edgeproxy_workers_ready") or 0
         # Every worker must have picked up what the registry published.
         loaded = scrape.get_sample_value("edgeproxy_certificates_loaded") or 0
-        served = sum(1 for e in registry.snapshot() if e.served is not None)
+        served = registry.served_count()
         doc = {
             "workers_ready": int(ready),
             "workers": expected,
-            "certificates_synced": registry.ready,
+            "certificates_synced": registry.synced,
             "certificates": served,
             "certificates_in_every_worker": int(loaded),
         }
-        if ready >= expected and registry.ready and loaded >= served:
+        if ready >= expected and registry.serving and loaded >= served:
             return web.json_response({"status": "ready", **doc})
         return web.json_response({"status": "starting", **doc}, status=503)
 
@@ -148,7 +149,7 @@ async def serve_control(
         run_notifier(
             notifier,
             registry.snapshot,
-            lambda: registry.ready,
+            lambda: registry.synced,  # never remind from the last run's view
             stop,
             nudge,
             settings.notify.check_interval,

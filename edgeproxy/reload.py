@@ -98,9 +98,13 @@ async def run_registry(
 ) -> None:
     # 1. earlier validations, then everything that changed since
     await asyncio.to_thread(registry.open)
+    # A restart serves what the last run validated at once: those bundles are in the served
+    # folder. What changed on disk while the edge was down is found by the sync below, like
+    # any change (at 100k domains the sync's stat calls take seconds).
+    registry.serving = bool(registry.entries)
     started = time.monotonic()
     await sync(registry)
-    registry.ready = True
+    registry.serving = registry.synced = True
     reload_log.info(
         "certificates synced",
         extra={"domains": len(registry.entries), "seconds": round(time.monotonic() - started, 3)},

@@ -120,6 +120,54 @@ def test_restart_revalidates_only_what_changed(tmp_path, intermediate, roots):
     write_bundle(tmp_path / "certs", "t.b.test", intermediate)  # changed while down
     again = _registry(tmp_path, roots)
     assert again.changed() == {"t.b.test"}
+    assert again.entries["t.a.test"] == reg.entries["t.a.test"]  # the index round-trips
+    assert again.served_count() == 2
+
+
+def test_restart_revalidates_a_domain_whose_served_file_is_gone(tmp_path, intermediate, roots):
+    reg = _registry(tmp_path, roots)
+    for d in ("t.a.test", "t.b.test"):
+        write_bundle(tmp_path / "certs", d, intermediate)
+    _sync(reg)
+    reg.save()
+    (tmp_path / "state" / "served" / "t.a.test.pem").unlink()
+    again = _registry(tmp_path, roots)
+    assert again.changed() == {"t.a.test"}
+    assert _sync(again) == {"t.a.test": "loaded"}
+
+
+def test_an_index_of_the_first_format_is_still_read(tmp_path, intermediate, roots):
+    """Upgrading must not revalidate every domain (minutes at 100k)."""
+    import json
+
+    reg = _registry(tmp_path, roots)
+    write_bundle(tmp_path / "certs", "t.a.test", intermediate)
+    _sync(reg)
+    e = reg.entries["t.a.test"]
+    assert e.served is not None
+    v1 = {
+        "version": 1,
+        "domains": {
+            "t.a.test": {
+                "domain": "t.a.test",
+                "served": {
+                    "version": e.served.version,
+                    "not_after": e.served.not_after,
+                    "cert_sha256": e.served.cert_sha256,
+                    "spki_sha256": e.served.spki_sha256,
+                    "validated_at": e.served.validated_at,
+                    "warnings": [],
+                },
+                "rejected_version": None,
+                "errors": [],
+                "updated_at": e.updated_at,
+            }
+        },
+    }
+    (tmp_path / "state" / "index.json").write_text(json.dumps(v1))
+    again = _registry(tmp_path, roots)
+    assert again.changed() == set()
+    assert again.entries["t.a.test"] == e
 
 
 def test_kubernetes_secret_layout(tmp_path, intermediate, roots):
@@ -145,3 +193,57 @@ def test_kubernetes_secret_layout(tmp_path, intermediate, roots):
     publish("..2026_11_27_b")
     assert _sync(reg) == {"t.k.test": "loaded"}
     assert reg.entries["t.k.test"].served.cert_sha256 != first.cert_sha256
+
+
+async def test_a_restart_serves_the_last_runs_bundles_while_it_resyncs(
+    tmp_path, intermediate, roots
+):
+    """At a restart the served folder already holds what the last run validated: the edge is
+    ready at once, while the stat-everything sync (seconds at 100k) runs behind. At a first
+    start there is nothing validated yet, so readiness waits for the sync."""
+    import asyncio
+    import threading
+
+    from edgeproxy.reload import run_registry
+
+    gate = threading.Event()
+
+    class SlowSource(DirectorySource):
+        def versions(self) -> dict[str, str]:
+            gate.wait(10)
+            return super().versions()
+
+    async def start(reg: CertRegistry) -> tuple[asyncio.Event, asyncio.Task]:
+        stop = asyncio.Event()
+        return stop, asyncio.ensure_future(run_registry(reg, reg.source, stop, 60.0))
+
+    async def until(cond, seconds: float = 5.0) -> bool:
+        for _ in range(int(seconds / 0.01)):
+            if cond():
+                return True
+            await asyncio.sleep(0.01)
+        return cond()
+
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    write_bundle(certs, "t.a.test", intermediate)
+    first = CertRegistry(SlowSource(certs), tmp_path / "state", roots)
+    stop, task = await start(first)
+    await asyncio.sleep(0.2)
+    assert not first.serving and not first.synced  # first start: nothing validated yet
+    gate.set()
+    assert await until(lambda: first.synced)
+    assert first.serving and first.served_count() == 1
+    stop.set()
+    await asyncio.wait_for(task, 5)
+    first.save()
+
+    gate.clear()
+    again = CertRegistry(SlowSource(certs), tmp_path / "state", roots)
+    stop, task = await start(again)
+    assert await until(lambda: again.serving)
+    assert not again.synced and again.served_count() == 1
+    gate.set()
+    assert await until(lambda: again.synced)
+    stop.set()
+    await asyncio.wait_for(task, 5)
