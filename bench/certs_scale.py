@@ -581,6 +581,16 @@ def edge_run(
         used = set(hs.pop("used"))
         res["handshakes"] = hs
         res["rss_after_handshakes"] = memory(list(roles), roles)
+        # Ready comes before the reconcile with the certificates folder at a restart (the
+        # last run's bundles are served at once): report the memory once that is done too.
+        deadline = time.perf_counter() + 120
+        while time.perf_counter() < deadline:
+            with suppress(OSError, ValueError):
+                if json.loads(http_get("/readyz", timeout=10)[1]).get("certificates_synced"):
+                    res["synced_s"] = round(time.perf_counter() - t0, 3)
+                    break
+            time.sleep(0.2)
+        res["rss_synced"] = memory(list(roles), roles)
         if throughput is not None:
             res["throughput"] = throughput(root_pem, used)
             res["rss_after_throughput"] = memory(list(roles), roles)
@@ -979,6 +989,19 @@ def render(results: dict[str, Any]) -> str:
             "",
             "edgeproxy code per run (HEAD, source hash, loadavg at start): " + "; ".join(versions),
         ]
+    synced = [
+        f"{int(n):,}: {mem(r['edge_restart'], 'rss_synced')} MB "
+        f"at {r['edge_restart']['synced_s']} s"
+        for n, r in results["sizes"].items()
+        if (r.get("edge_restart") or {}).get("synced_s")
+    ]
+    if synced:
+        lines += [
+            "",
+            "A restart is ready before its reconcile with the certificates folder ends (the last "
+            "run's bundles are served at once); RSS once `certificates_synced` (after the 1k "
+            "handshakes): " + "; ".join(synced),
+        ]
     sw = results.get("swap", {})
     if sw:
         e, g = sw.get("edgeproxy", {}), sw.get("nginx", {})
@@ -1058,6 +1081,11 @@ def main() -> int:
     ap.add_argument("--swap-reps", type=int, default=30)
     ap.add_argument("--first-start-budget", type=float, default=600.0, help="seconds")
     ap.add_argument("--no-nginx", action="store_true")
+    ap.add_argument(
+        "--restart-only",
+        action="store_true",
+        help="measure only restarts, on the state a previous run kept (implies --merge)",
+    )
     ap.add_argument("--profile-control", type=int, metavar="N", help="only profile, then exit")
     ap.add_argument(
         "--merge",
@@ -1065,6 +1093,8 @@ def main() -> int:
         help="update the sizes/sections measured now in the existing certs_scale.json",
     )
     args = ap.parse_args()
+    if args.restart_only:
+        args.merge = True
     sizes = [int(s) for s in args.sizes.split(",")]
     swap_n, tp_n, tp = SWAP_N, THROUGHPUT_N, (3, 1000, 100)
     if args.quick:
@@ -1123,6 +1153,22 @@ def main() -> int:
             row: dict[str, Any] = {}
             results["sizes"][str(n)] = row
             run = runs / f"edge-{n}"
+            if args.restart_only:
+                if not (run / "state" / "index.json").exists():
+                    raise SystemExit(f"--restart-only: no kept state in {run}/state")
+                log(f"N={n}: edgeproxy restart (kept state)")
+                row["edge_restart"] = edge_run(
+                    n,
+                    certs,
+                    run,
+                    root_pem,
+                    fresh=False,
+                    workers=args.workers,
+                    budget_s=args.first_start_budget,
+                    handshakes=args.handshakes,
+                )
+                log(f"    -> {_s(row['edge_restart'])} s")
+                continue
             shutil.rmtree(run, ignore_errors=True)
             run.mkdir(parents=True)
             throughput = throughput_test(n, *tp) if n == tp_n else None

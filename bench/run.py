@@ -67,6 +67,7 @@ LOOP = "127.0.0.1"
 HOST = "t.bench.test"
 UPSTREAM_PORT = 38081
 EDGE1_PORT, EDGE2_PORT, NGINX1_PORT, NGINX2_PORT = 38443, 38445, 38444, 38446
+RELAY_PORT = 38447
 EDGE1_METRICS, EDGE2_METRICS = 39100, 39101
 PYSPY = Path("/tmp/pyspy-venv/bin/py-spy")
 BEACON = json.dumps(
@@ -254,6 +255,29 @@ def start_nginx(work: Path, name: str, workers: int, body: str) -> dict[str, Any
         time.sleep(0.05)
     time.sleep(0.2)
     return {"name": name, "proc": p, "workers": children(p.pid), "other": [p.pid]}
+
+
+def start_relay(work: Path) -> dict[str, Any]:
+    """bench/relay.py: the stack's ceiling (uvloop + CPython ssl, no HTTP), see its docstring."""
+    folder = work / "certs" / HOST
+    cmd = [
+        sys.executable,
+        str(ROOT / "bench" / "relay.py"),
+        str(RELAY_PORT),
+        str(UPSTREAM_PORT),
+        str(folder / "fullchain.pem"),
+        str(folder / "privkey.pem"),
+    ]
+    p = spawn(cmd, work / "relay-stderr.log")
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if p.poll() is not None:
+            raise RuntimeError(f"relay exited: {(work / 'relay-stderr.log').read_text()}")
+        with socket.socket() as sock:
+            if sock.connect_ex((LOOP, RELAY_PORT)) == 0:
+                break
+        time.sleep(0.05)
+    return {"name": "relay", "proc": p, "workers": [p.pid], "other": []}
 
 
 def edge_config(work: Path, name: str, port: int, metrics: int, workers: int) -> Path:
@@ -852,6 +876,27 @@ def render(res: dict[str, Any]) -> str:
                     f"{fmt(w1, d)} | {fmt(ratio(w2, w1), 2)} |"
                 )
     lines.append("")
+    if sc.get("keepalive", {}).get("relay"):
+        lines += [
+            "### The stack's ceiling: a bare uvloop + CPython ssl relay (bench/relay.py)",
+            "",
+            "Same rounds, same load. The relay parses no HTTP and does none of edgeproxy's work;"
+            " no Python proxy on this stack can cost less. (In 2/3 it also opens an upstream "
+            "connection per client connection, which edgeproxy pools.)",
+            "",
+            "| scenario | relay per proxy CPU-s | relay/nginx | edgeproxy/relay |",
+            "|---|---:|---:|---:|",
+        ]
+        for key, title in (
+            ("keepalive", "1 keep-alive beacons"),
+            ("full_handshake", "2 full RSA handshakes"),
+            ("resumed_handshake", "3 resumed handshakes"),
+        ):
+            if key not in sc:
+                continue
+            r, e, n = (med(sc[key][k], "per_cpu_s") for k in ("relay", "edgeproxy", "nginx"))
+            lines.append(f"| {title} | {fmt(r)} | {fmt(ratio(r, n), 2)} | {fmt(ratio(e, r), 2)} |")
+        lines.append("")
     if "keepalive" in sc:
         other = med(sc["keepalive"]["edgeproxy"], "other_cpu_s")
         lines += [
@@ -941,6 +986,7 @@ def servers(work: Path, profile_only: bool) -> Iterator[dict[str, dict[str, Any]
             s["nginx1"] = start_nginx(work, "nginx1", 1, tls_proxy_body(NGINX1_PORT, certs, False))
             s["edge2"] = start_edge(work, "edge2", EDGE2_PORT, EDGE2_METRICS, 2)
             s["nginx2"] = start_nginx(work, "nginx2", 2, tls_proxy_body(NGINX2_PORT, certs, True))
+            s["relay"] = start_relay(work)
         yield s
     finally:
         cleanup()
@@ -957,19 +1003,25 @@ def bench(args: argparse.Namespace, work: Path, script: Path) -> dict[str, Any]:
     }
     sc = res["scenarios"]
     with servers(work, False) as s:
-        e1, e2, n1, n2 = s["edge1"], s["edge2"], s["nginx1"], s["nginx2"]
+        e1, e2, n1, n2, relay = s["edge1"], s["edge2"], s["nginx1"], s["nginx2"], s["relay"]
+        # Scenarios 1-3 run edgeproxy, nginx and the stack's ceiling in turn (A B C A B C ...).
+        trio = (
+            ("edgeproxy", e1, EDGE1_PORT),
+            ("nginx", n1, NGINX1_PORT),
+            ("relay", relay, RELAY_PORT),
+        )
         res["chain_check"] = {
             "edgeproxy": verify_chain(EDGE1_PORT, work / "ca.pem"),
             "nginx": verify_chain(NGINX1_PORT, work / "ca.pem"),
         }
         log(f"chain verified: {res['chain_check']}")
-        for port in (EDGE1_PORT, NGINX1_PORT, EDGE2_PORT):  # warm-up, not recorded
+        for port in (EDGE1_PORT, NGINX1_PORT, EDGE2_PORT, RELAY_PORT):  # warm-up, not recorded
             wrk(f"https://{HOST}:{port}/track", 2, args.connections, script)
 
         log("1. keep-alive beacons")
-        ka: dict[str, list[dict[str, Any]]] = {"edgeproxy": [], "nginx": []}
+        ka: dict[str, list[dict[str, Any]]] = {"edgeproxy": [], "nginx": [], "relay": []}
         for i in range(args.rounds):
-            for name, srv, port in (("edgeproxy", e1, EDGE1_PORT), ("nginx", n1, NGINX1_PORT)):
+            for name, srv, port in trio:
                 ka[name].append(keepalive_run(srv, port, args, script))
                 log(f"  round {i + 1} {name}: {ka[name][-1]['rps']:.0f} req/s")
         sc["keepalive"] = ka
@@ -979,12 +1031,9 @@ def bench(args: argparse.Namespace, work: Path, script: Path) -> dict[str, Any]:
             ("resumed_handshake", True, "3. resumed handshakes"),
         ):
             log(title)
-            hs: dict[str, list[dict[str, Any]]] = {"edgeproxy": [], "nginx": []}
+            hs: dict[str, list[dict[str, Any]]] = {"edgeproxy": [], "nginx": [], "relay": []}
             for i in range(args.rounds):
-                for name, srv, port in (
-                    ("edgeproxy", e1, EDGE1_PORT),
-                    ("nginx", n1, NGINX1_PORT),
-                ):
+                for name, srv, port in trio:
                     hs[name].append(handshake_run(srv, port, args, resume))
                     r = hs[name][-1]
                     log(f"  round {i + 1} {name}: {r['rps']:.0f} hs/s {r['stats']}")
@@ -1222,6 +1271,7 @@ def main() -> int:
         NGINX2_PORT,
         EDGE1_METRICS,
         EDGE2_METRICS,
+        RELAY_PORT,
     ):
         with socket.socket() as sock:
             if sock.connect_ex((LOOP, port)) == 0:
