@@ -1153,11 +1153,11 @@ def main() -> int:
             row: dict[str, Any] = {}
             results["sizes"][str(n)] = row
             run = runs / f"edge-{n}"
-            if args.restart_only:
-                if not (run / "state" / "index.json").exists():
-                    raise SystemExit(f"--restart-only: no kept state in {run}/state")
-                log(f"N={n}: edgeproxy restart (kept state)")
-                row["edge_restart"] = edge_run(
+
+            def restart(n: int = n, certs: Path = certs, run: Path = run) -> dict[str, Any]:
+                log(f"N={n}: edgeproxy restart")
+                t = time.perf_counter()
+                res = edge_run(
                     n,
                     certs,
                     run,
@@ -1167,7 +1167,14 @@ def main() -> int:
                     budget_s=args.first_start_budget,
                     handshakes=args.handshakes,
                 )
-                log(f"    -> {_s(row['edge_restart'])} s")
+                phases[f"edge_restart_{n}"] = round(time.perf_counter() - t, 1)
+                log(f"    -> {_s(res)} s")
+                return res
+
+            if args.restart_only:
+                if not (run / "state" / "index.json").exists():
+                    raise SystemExit(f"--restart-only: no kept state in {run}/state")
+                row["edge_restart"] = restart()
                 continue
             shutil.rmtree(run, ignore_errors=True)
             run.mkdir(parents=True)
@@ -1190,20 +1197,7 @@ def main() -> int:
                 results["throughput"] = row["edge_first"]["throughput"]
             log(f"    -> {_s(row['edge_first'])} s")
             if row["edge_first"]["ready_s"] is not None:
-                log(f"N={n}: edgeproxy restart")
-                t = time.perf_counter()
-                row["edge_restart"] = edge_run(
-                    n,
-                    certs,
-                    run,
-                    root_pem,
-                    fresh=False,
-                    workers=args.workers,
-                    budget_s=args.first_start_budget,
-                    handshakes=args.handshakes,
-                )
-                phases[f"edge_restart_{n}"] = round(time.perf_counter() - t, 1)
-                log(f"    -> {_s(row['edge_restart'])} s")
+                row["edge_restart"] = restart()
             else:
                 ex = row["edge_first"]["extrapolation"]
                 results["notes"].append(

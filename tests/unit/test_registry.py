@@ -111,12 +111,18 @@ def test_a_shared_key_on_disk_is_served_with_a_warning(tmp_path, intermediate, r
     assert "already registered for t.a.test" in caplog.text
 
 
-def test_restart_revalidates_only_what_changed(tmp_path, intermediate, roots):
+def _saved(tmp_path: Path, roots, intermediate) -> CertRegistry:
+    """A registry that validated t.a.test and t.b.test and saved its index."""
     reg = _registry(tmp_path, roots)
     for d in ("t.a.test", "t.b.test"):
         write_bundle(tmp_path / "certs", d, intermediate)
     _sync(reg)
     reg.save()
+    return reg
+
+
+def test_restart_revalidates_only_what_changed(tmp_path, intermediate, roots):
+    reg = _saved(tmp_path, roots, intermediate)
     write_bundle(tmp_path / "certs", "t.b.test", intermediate)  # changed while down
     again = _registry(tmp_path, roots)
     assert again.changed() == {"t.b.test"}
@@ -125,11 +131,7 @@ def test_restart_revalidates_only_what_changed(tmp_path, intermediate, roots):
 
 
 def test_restart_revalidates_a_domain_whose_served_file_is_gone(tmp_path, intermediate, roots):
-    reg = _registry(tmp_path, roots)
-    for d in ("t.a.test", "t.b.test"):
-        write_bundle(tmp_path / "certs", d, intermediate)
-    _sync(reg)
-    reg.save()
+    _saved(tmp_path, roots, intermediate)
     (tmp_path / "state" / "served" / "t.a.test.pem").unlink()
     again = _registry(tmp_path, roots)
     assert again.changed() == {"t.a.test"}
