@@ -1,4 +1,4 @@
-"""Hot reload: the watch loops that keep the registry and every worker's store current.
+"""Hot reload, control side: the loop that keeps the certificate registry current.
 
 Control process (`run_registry`):
 1. load the index of earlier validations and reconcile it with the source (only changed
@@ -8,25 +8,19 @@ Control process (`run_registry`):
 3. a read that races a write is retried shortly (up to ~2 s), and a full rescan every
    `certs.rescan_interval` seconds catches anything the watcher missed.
 
-Worker processes (`watch_served`): watch the registry's served folder (inotify, from the
-event loop) and swap the one changed domain's context; a rescan every `rescan_interval`
-catches anything missed.
-Neither loop ever restarts a process.
+Worker processes follow what the registry publishes with tls/follow.py (kept apart so a
+worker never imports the validation stack). Neither ever restarts a process.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import Callable
 
 from edgeproxy.asyncio_utils import create_task
-from edgeproxy.inotify import RESCAN, FolderWatch
 from edgeproxy.logging import reload_log
 from edgeproxy.tls.registry import CertRegistry
 from edgeproxy.tls.source import RESCAN_ALL, BundleSource
-from edgeproxy.tls.store import SERVED_SUFFIX, CertStore
 
 INFLIGHT_RETRIES = 20
 INFLIGHT_DELAY = 0.1
@@ -128,75 +122,3 @@ async def run_registry(
                 await _refresh(registry, domains)
     finally:
         rescan_task.cancel()
-
-
-SYNC_TICK = 0.1
-"""Workers report this often how current they are (the admin API's preparing -> active)."""
-
-
-async def watch_served(
-    store: CertStore,
-    stop: asyncio.Event,
-    *,
-    rescan_interval: float,
-    on_change: Callable[[], None],
-    on_synced: Callable[[float], None] = lambda _t: None,
-) -> None:
-    """Worker side: follow the served folder the registry publishes into, from the event loop
-    (inotify, see inotify.py), until `stop` is set.
-
-    `on_synced(t)` is told that everything published before `t` is served: the kernel queues
-    a rename's event inside the rename, so once the queue is read empty after `t`, every
-    publish before `t` has been applied.
-    """
-    loop = asyncio.get_running_loop()
-    watch = FolderWatch(store.dir)
-    # The watch is in place before this scan: anything published from now on raises an event.
-    store.scan()
-    on_change()
-
-    def apply() -> None:
-        started = time.time()
-        changed = watch.read()
-        if changed is RESCAN:
-            with contextlib.suppress(OSError):
-                watch.rewatch()  # the folder was replaced: watch the new one
-            store.scan()
-            on_change()
-        else:
-            assert isinstance(changed, set)
-            names = [
-                n[: -len(SERVED_SUFFIX)]
-                for n in changed
-                if n.endswith(SERVED_SUFFIX) and not n.startswith(".")
-            ]
-            for name in names:
-                store.refresh(name)
-            if names:
-                on_change()
-        on_synced(started - 0.001)
-
-    timers: list[asyncio.TimerHandle] = []
-
-    def every(interval: float, fn: Callable[[], None]) -> None:
-        def run() -> None:
-            fn()
-            timers[i] = loop.call_later(interval, run)
-
-        i = len(timers)
-        timers.append(loop.call_later(interval, run))
-
-    def rescan() -> None:
-        store.scan()
-        on_change()
-
-    loop.add_reader(watch.fileno(), apply)
-    every(SYNC_TICK, apply)
-    every(rescan_interval, rescan)
-    try:
-        await stop.wait()
-    finally:
-        loop.remove_reader(watch.fileno())
-        for timer in timers:
-            timer.cancel()
-        watch.close()

@@ -6,7 +6,7 @@ Shutdown (SIGTERM or SIGINT), in order:
    (with `Connection: close`);
 3. wait for in-flight requests up to `server.drain_timeout`;
 4. abort whatever is still open, close the upstream pools, exit 0.
-SIGHUP rescans the served certificates; changes arrive by themselves (reload.watch_served).
+SIGHUP rescans the served certificates; changes arrive by themselves (tls/follow.py).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from edgeproxy.proxy.policy import PolicyBook
 from edgeproxy.proxy.proxyproto import ProxyProtocolError, read_header
 from edgeproxy.proxy.routes import RouteTable
 from edgeproxy.proxy.upstream import UpstreamPool
-from edgeproxy.reload import watch_served
+from edgeproxy.tls.follow import watch_served
 from edgeproxy.tls.sni import HandshakeTally, install_sni_callback
 from edgeproxy.tls.store import CertStore
 

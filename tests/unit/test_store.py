@@ -110,7 +110,7 @@ async def test_a_file_published_before_the_watch_starts_is_picked_up(tmp_path, i
     so the watch scans once it is in place (this once left a worker unready for 60 s)."""
     import asyncio
 
-    from edgeproxy.reload import watch_served
+    from edgeproxy.tls.follow import watch_served
 
     store = CertStore(tmp_path, cache_size=10)
     store.scan()
