@@ -15,6 +15,7 @@ worker never imports the validation stack). Neither ever restarts a process.
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 
 from edgeproxy.asyncio_utils import create_task
@@ -92,6 +93,7 @@ async def run_registry(
 ) -> None:
     # 1. earlier validations, then everything that changed since
     await asyncio.to_thread(registry.open)
+    gc.freeze()  # the index's entries live until replaced: keep them out of every collection
     # A restart serves what the last run validated at once: those bundles are in the served
     # folder. What changed on disk while the edge was down is found by the sync below, like
     # any change (at 100k domains the sync's stat calls take seconds).
