@@ -24,6 +24,7 @@ from prometheus_client import CollectorRegistry
 
 from edgeproxy.asyncio_utils import create_task, watch_parent
 from edgeproxy.config import Settings
+from edgeproxy.inotify import FolderWatch
 from edgeproxy.logging import server_log
 from edgeproxy.metrics import Metrics
 from edgeproxy.proxy.forward import ClientConnection, ProxyContext
@@ -53,6 +54,7 @@ class Worker:
         self.base_ctx = base_ctx
         self.metrics = Metrics(registry or CollectorRegistry(), [r.prefix for r in settings.routes])
         self.store = CertStore(settings.certs.state / "served", settings.certs.cache_size)
+        self.served_watch: FolderWatch | None = None
         self.tally = HandshakeTally()
         pools = {
             url: UpstreamPool(url, settings.proxy)
@@ -78,6 +80,8 @@ class Worker:
 
     async def start(self, sockets: list[socket.socket]) -> None:
         loop = asyncio.get_running_loop()
+        # Watch first, then list: whatever is published after the listing raises an event.
+        self.served_watch = FolderWatch(self.store.dir)
         self.rescan()
         install_sni_callback(self.base_ctx, self.store.context_for, self.tally)
         for sock in sockets:
@@ -204,6 +208,7 @@ class Worker:
                 self.store,
                 self.stopping,
                 rescan_interval=certs.rescan_interval,
+                watch=self.served_watch,
                 on_change=lambda: self.metrics.certificates_loaded.set(len(self.store)),
                 on_synced=self.metrics.served_synced.set,
             ),

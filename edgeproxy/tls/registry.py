@@ -195,12 +195,12 @@ class CertRegistry:
                 if e.name.endswith(SERVED_SUFFIX)
             }
             loaded: dict[str, Entry] = {}
-            key_users: dict[str, tuple[str, ...]] = {}
+            groups: dict[str, list[str]] = {}
             for entry in entries:
                 if entry.served is not None and entry.domain not in on_disk:
                     entry.served = None  # the served file is gone: validate again
                 if entry.served is not None:
-                    _add_key_user(key_users, entry.served.spki_sha256, entry.domain)
+                    groups.setdefault(entry.served.spki_sha256, []).append(entry.domain)
                 loaded[entry.domain] = entry
         except FileNotFoundError:
             return
@@ -209,6 +209,7 @@ class CertRegistry:
                 "ignoring unreadable index %s (%s); validating everything", self.index_file, exc
             )
             return
+        key_users = {spki: tuple(domains) for spki, domains in groups.items()}
         with self._lock:  # readiness and metrics read the entries from the event loop
             self.entries, self.key_users = loaded, key_users
             self._served_count = None
