@@ -950,6 +950,7 @@ def _s(d: dict[str, Any] | None) -> str:
 
 
 def render(results: dict[str, Any]) -> str:
+    sizes = sorted(results["sizes"].items(), key=lambda kv: int(kv[0]))  # merged runs: any order
     lines = [
         "# Certificate scale: edgeproxy vs nginx",
         "",
@@ -967,7 +968,7 @@ def render(results: dict[str, Any]) -> str:
             return "-"
         return f"{d[key]['rss_mb']:.0f} ({d[key]['pss_mb']:.0f})"
 
-    for n, r in results["sizes"].items():
+    for n, r in sizes:
         f, s, x = r.get("edge_first"), r.get("edge_restart"), r.get("nginx")
         lines.append(
             f"| {int(n):,} | {_s(f)} | {mem(f, 'rss_ready')} | {mem(f, 'rss_after_handshakes')} "
@@ -975,7 +976,7 @@ def render(results: dict[str, Any]) -> str:
             f"| {_s(x)} | {mem(x, 'rss_ready')} | {mem(x, 'rss_after_handshakes')} |"
         )
     versions = []
-    for n, r in results["sizes"].items():
+    for n, r in sizes:
         for key in ("edge_first", "edge_restart"):
             c = (r.get(key) or {}).get("code")
             if c:
@@ -992,7 +993,7 @@ def render(results: dict[str, Any]) -> str:
     synced = [
         f"{int(n):,}: {mem(r['edge_restart'], 'rss_synced')} MB "
         f"at {r['edge_restart']['synced_s']} s"
-        for n, r in results["sizes"].items()
+        for n, r in sizes
         if (r.get("edge_restart") or {}).get("synced_s")
     ]
     if synced:

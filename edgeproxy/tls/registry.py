@@ -33,7 +33,7 @@ from typing import Any
 from cryptography import x509
 
 from edgeproxy.logging import reload_log
-from edgeproxy.tls.bundle import EXPIRY_WARNING_DAYS, Verdict, validate_bundle
+from edgeproxy.tls.bundle import EXPIRY_WARNING_DAYS, KeyMismatch, Verdict, validate_bundle
 from edgeproxy.tls.source import EMPTY, BundleSource, InFlight
 from edgeproxy.tls.store import SERVED_SUFFIX
 
@@ -41,6 +41,10 @@ INDEX_VERSION = 2
 """v2: a header line, then one JSON row per line (v1, one document, is still read). Read a
 line at a time, at 100k domains the control process is ~40 MB smaller than after parsing
 one document (whose transient lists fragmented the heap) and starts faster."""
+
+
+MISMATCH_GRACE = 1.0
+"""Seconds a certificate/key mismatch is taken for a two-file update in progress."""
 
 
 class CertState(Enum):
@@ -150,6 +154,7 @@ class CertRegistry:
         """The source has been reconciled with the index at least once since start."""
         self.dirty = False
         self._served_count: int | None = None
+        self._mismatch_since: dict[str, float] = {}
         self.on_change: Callable[[], None] | None = None
         """Called (on the event loop) after a batch of changes was applied."""
 
@@ -284,7 +289,10 @@ class CertRegistry:
             bundle, roots=self._roots(), key_users=self.key_users, enforce_unique_key=False
         )
         if not verdict.ok:
+            if self._between_writes(domain, verdict, now):
+                return "inflight"  # read again shortly (reload.py retries every 0.1 s)
             return self._reject(domain, bundle.version, verdict, now)
+        self._mismatch_since.pop(domain, None)
         atomic_write(self.served_dir / f"{domain}{SERVED_SUFFIX}", verdict.served_pem)
         now = time.time()  # published: workers' sync times are compared with this
         assert verdict.not_after is not None and verdict.cert_sha256 and verdict.spki_sha256
@@ -332,6 +340,20 @@ class CertRegistry:
             extra={"domain": domain, "errors": errors, "kept_last_good": kept},
         )
         return "rejected"
+
+    def _between_writes(self, domain: str, verdict: Verdict, now: float) -> bool:
+        """A key that doesn't match its certificate, and nothing else wrong, is what a
+        two-file update (certbot, an operator's two copies) looks like between its writes.
+        For MISMATCH_GRACE it is read again rather than rejected: no `rejected` count, no
+        warning, no 0.3 s recheck delay for every renewal."""
+        if not verdict.errors or not all(isinstance(e, KeyMismatch) for e in verdict.errors):
+            self._mismatch_since.pop(domain, None)
+            return False
+        since = self._mismatch_since.setdefault(domain, now)
+        if now - since < MISMATCH_GRACE:
+            return True
+        del self._mismatch_since[domain]
+        return False
 
     def _forget_key(self, entry: Entry | None) -> None:
         if entry is not None and entry.served is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -249,3 +250,30 @@ async def test_a_restart_serves_the_last_runs_bundles_while_it_resyncs(
     assert await until(lambda: again.synced)
     stop.set()
     await asyncio.wait_for(task, 5)
+
+
+def test_a_two_file_update_read_between_its_writes_is_not_rejected(tmp_path, intermediate, roots):
+    """New certificate, old key: certbot between its two writes. Read again, not rejected."""
+    reg = _saved(tmp_path, roots, intermediate)
+    folder = tmp_path / "certs" / "t.a.test"
+    write_bundle(tmp_path / "next", "t.a.test", intermediate)
+    (folder / "fullchain.pem").write_bytes((tmp_path / "next/t.a.test/fullchain.pem").read_bytes())
+    assert reg.refresh("t.a.test") == "inflight"
+    (folder / "privkey.pem").write_bytes((tmp_path / "next/t.a.test/privkey.pem").read_bytes())
+    assert reg.refresh("t.a.test") == "loaded"
+    assert reg.counts["rejected"] == 0
+
+
+def test_a_mismatch_that_stays_is_rejected_after_the_grace(
+    tmp_path, intermediate, roots, monkeypatch
+):
+    monkeypatch.setattr("edgeproxy.tls.registry.MISMATCH_GRACE", 0.05)
+    reg = _saved(tmp_path, roots, intermediate)
+    write_bundle(tmp_path / "next", "t.a.test", intermediate)
+    chain = (tmp_path / "next/t.a.test/fullchain.pem").read_bytes()
+    (tmp_path / "certs/t.a.test/fullchain.pem").write_bytes(chain)
+    assert reg.refresh("t.a.test") == "inflight"
+    time.sleep(0.06)
+    assert reg.refresh("t.a.test") == "rejected"
+    assert reg.counts["rejected"] == 1
+    assert reg.entries["t.a.test"].served is not None  # the last good one stays served
