@@ -183,7 +183,7 @@ def build_admin_app(
         return domain in registry.entries or (certs_dir / domain).is_dir()
 
     async def list_domains(_: web.Request) -> web.Response:
-        versions = await asyncio.to_thread(source.versions)
+        versions = await asyncio.to_thread(lambda: dict(source.versions()))
         now, synced = time.time(), synced_at()
         names = sorted(set(versions) | set(registry.entries))
         return web.json_response(

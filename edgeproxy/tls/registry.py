@@ -231,16 +231,24 @@ class CertRegistry:
 
     def changed(self) -> set[str]:
         """Domains whose source version differs from what was validated, or that are gone."""
-        versions = self.source.versions()
+        out: set[str] = set()
+        known = 0
+        # Streamed, compared one at a time (dict reads need no lock): nothing of size N is
+        # built unless domains were removed, which the count below reveals.
+        for domain, version in self.source.versions():
+            e = self.entries.get(domain)
+            if e is None:
+                out.add(domain)
+                continue
+            known += 1
+            if (e.served is None or e.served.version != version) and (
+                e.rejected_version != version
+            ):
+                out.add(domain)
         with self._lock:
-            out = {d for d in set(self.entries) - set(versions)}
-            for domain, version in versions.items():
-                e = self.entries.get(domain)
-                if e is None or (
-                    (e.served is None or e.served.version != version)
-                    and e.rejected_version != version
-                ):
-                    out.add(domain)
+            if known < len(self.entries):
+                listed = {d for d, _ in self.source.versions()}
+                out |= {d for d in self.entries if d not in listed}
         return out
 
     def refresh(self, domain: str) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -212,7 +213,7 @@ async def test_a_restart_serves_the_last_runs_bundles_while_it_resyncs(
     gate = threading.Event()
 
     class SlowSource(DirectorySource):
-        def versions(self) -> dict[str, str]:
+        def versions(self) -> Iterator[tuple[str, str]]:
             gate.wait(10)
             return super().versions()
 
