@@ -25,7 +25,7 @@ from prometheus_client import CollectorRegistry
 from edgeproxy.asyncio_utils import create_task, watch_parent
 from edgeproxy.config import Settings
 from edgeproxy.inotify import FolderWatch
-from edgeproxy.logging import server_log
+from edgeproxy.logging import AccessLog, server_log
 from edgeproxy.metrics import Metrics
 from edgeproxy.proxy.forward import ClientConnection, ProxyContext
 from edgeproxy.proxy.headers import is_trusted
@@ -68,6 +68,7 @@ class Worker:
             pools,
             self.tally,
             PolicyBook(settings.policy),
+            access=AccessLog() if settings.log.access else None,
         )
         self.servers: list[asyncio.Server] = []
         self.accepting: list[asyncio.Task[None]] = []

@@ -101,7 +101,7 @@ class Supervisor:
             signal.pthread_sigmask(signal.SIG_SETMASK, set())
             for sig in _SIGNALS:
                 signal.signal(sig, signal.SIG_DFL)
-            setup_logging(self.settings.log.level, access=self.settings.log.access)
+            setup_logging(self.settings.log.level)
             if target == "worker":
                 from edgeproxy.server import run_worker
 
@@ -226,7 +226,7 @@ def serve(settings: Settings) -> int:
     Raises:
         ConfigError: a listener can't be bound.
     """
-    setup_logging(settings.log.level, access=settings.log.access)
+    setup_logging(settings.log.level)
     prom_dir = tempfile.mkdtemp(prefix="edgeproxy-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = prom_dir
     try:

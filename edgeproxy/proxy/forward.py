@@ -37,7 +37,7 @@ import httptools
 from edgeproxy.asyncio_utils import create_task
 from edgeproxy.config import Settings
 from edgeproxy.errors import UpstreamError, UpstreamTimeout
-from edgeproxy.logging import access_log, proxy_log
+from edgeproxy.logging import AccessLog, proxy_log
 from edgeproxy.metrics import NO_ROUTE, BatchedObserver, Metrics
 from edgeproxy.proxy import cookies, firstparty
 from edgeproxy.proxy.firstparty import FirstParty
@@ -103,6 +103,8 @@ class ProxyContext:
     tally: HandshakeTally
     policies: PolicyBook
     connections: set[ClientConnection] = field(default_factory=set)
+    access: AccessLog | None = None
+    """Where access lines go; None when `log.access` is off."""
     draining: bool = False
     pid: int = field(default_factory=os.getpid)
     _hist: dict[tuple[str, str], BatchedObserver] = field(default_factory=dict)
@@ -127,7 +129,10 @@ class ProxyContext:
                 self._hist[(route, cls)] = BatchedObserver(child)
 
     def flush_metrics(self) -> None:
-        """Hand what the hot path counted in plain Python to the (multiprocess) metrics."""
+        """Hand what the hot path gathered in plain Python to the (multiprocess) metrics, and
+        the access lines to stdout."""
+        if self.access is not None:
+            self.access.flush()
         for observer in (*self._hist.values(), *self._upstream_hist.values()):
             observer.flush()
         self.tally.flush(lambda result, n: self._handshakes[result].inc(n))
@@ -661,9 +666,8 @@ class ClientConnection(asyncio.Protocol):
         ctx = self.ctx
         elapsed = time.perf_counter() - req.started if req.started else 0.0
         ctx.observe(req.route, status, elapsed)
-        if not access_log.disabled:
-            access_log.info(
-                "access",
+        if ctx.access is not None:
+            ctx.access.add(
                 {
                     "ts": round(time.time(), 6),
                     "pid": ctx.pid,

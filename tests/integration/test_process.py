@@ -18,8 +18,8 @@ from tests.support.edge import Edge
 HOST = DOMAINS[0]
 
 
-def _worker_pids(edge: Edge) -> set[int]:
-    return {line["pid"] for line in edge.access()}
+def _worker_pids(edge: Edge, at_least: int = 1) -> set[int]:
+    return {line["pid"] for line in edge.wait_access(at_least)}
 
 
 async def test_graceful_drain_finishes_in_flight_requests(
@@ -65,7 +65,7 @@ async def test_two_workers_both_serve_and_metrics_sum(
             *[request(edge.port, HOST, client_ctx, "POST", "/track", body=b"{}") for _ in range(n)]
         )
         assert all(r.status == 200 for r in results)
-        assert len(_worker_pids(edge)) == 2
+        assert len(_worker_pids(edge, n)) == 2
         count = await asyncio.to_thread(
             edge.wait_sample,
             "edgeproxy_request_duration_seconds_count",

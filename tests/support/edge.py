@@ -136,6 +136,15 @@ class Edge:
         lines = self.stdout_path.read_text(errors="replace").splitlines()
         return [json.loads(line) for line in lines if line.startswith("{")]
 
+    def wait_access(self, n: int, timeout: float = 3.0) -> list[dict[str, Any]]:
+        """The access lines once there are `n` (workers write them a few times a second)."""
+        deadline = time.monotonic() + timeout
+        lines = self.access()
+        while len(lines) < n and time.monotonic() < deadline:
+            time.sleep(0.05)
+            lines = self.access()
+        return lines
+
     def signal(self, sig: int) -> None:
         assert self.proc is not None
         self.proc.send_signal(sig)
