@@ -191,7 +191,13 @@ class Worker:
                 conn.transport.abort()
         for pool in ctx.pools.values():
             pool.close()
-        ctx.flush_metrics()  # the last requests' observations, before the process goes
+        # Aborted connections end their requests (499, an access line each) in callbacks the
+        # loop runs next: let them, then write out the last observations and lines.
+        for _ in range(20):
+            if not ctx.connections:
+                break
+            await asyncio.sleep(0.005)
+        ctx.flush_metrics()
         server_log.info("worker stopped", extra={"pid": os.getpid(), "aborted": left})
 
     async def serve(self, sockets: list[socket.socket], parent_pid: int | None = None) -> None:

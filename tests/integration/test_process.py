@@ -185,3 +185,25 @@ async def test_connections_active_gauge(edge, client_ctx):
         await asyncio.sleep(0.05)
     assert edge.sample("edgeproxy_connections_active") >= 1
     await conn.close()
+
+
+async def test_a_request_cut_at_the_drain_deadline_still_gets_its_access_line(
+    tmp_path, certs_dir, upstream, chat_upstream, trust_bundle, client_ctx
+):
+    """Access lines are written in batches; the ones of requests aborted when the drain
+    deadline passes are made after the abort, and must still be written before exit."""
+    config = base_config(certs_dir, upstream, chat_upstream, trust_bundle)
+    config["server"]["drain_timeout"] = 0.5
+    config["proxy"]["response_timeout"] = 10.0
+    edge = Edge(tmp_path, config).start()
+    try:
+        conn = await Conn.open(edge.port, HOST, client_ctx)
+        conn.send(build("GET", "/general/slow?ms=5000", HOST))
+        await asyncio.sleep(0.5)
+        edge.signal(signal.SIGTERM)
+        assert edge.proc is not None
+        await asyncio.to_thread(edge.proc.wait, 15)
+    finally:
+        edge.stop()
+    lines = [line for line in edge.access() if line.get("path") == "/general/slow"]
+    assert [line["status"] for line in lines] == [499]
