@@ -514,7 +514,9 @@ class ClientConnection(asyncio.Protocol):
         if ex is not None and ex.conn is not None:
             if not ex.finished:
                 self.write_upstream(ex.conn, _chunk(body) if req.chunked else body)
-            if len(req.chunks) < 64 and req.body_size <= REPLAY_LIMIT:
+            if req.body_size <= REPLAY_LIMIT:  # kept whole for a retry on a fresh connection
+                if len(req.chunks) >= 64:  # many small reads: one piece, still all of it
+                    req.chunks = [b"".join(req.chunks)]
                 req.chunks.append(body)
         else:
             req.chunks.append(body)

@@ -415,3 +415,31 @@ async def test_timeouts_longer_than_the_timer_step_still_hold(
         assert 1.7 < time.monotonic() - started < 3.2
     finally:
         assert e.stop() == 0
+
+
+async def test_a_retried_request_sends_its_whole_body_however_it_arrived(
+    edge, upstream, client_ctx
+):
+    """A pooled connection the upstream closed unanswered is retried on a fresh one with the
+    body kept for replay; a body that came in many small reads is replayed whole (the replay
+    buffer once kept only its first 64 pieces, under the original Content-Length)."""
+    warm = await request(edge.port, HOST, client_ctx, "GET", "/general/warm")
+    assert warm.status == 200  # leaves a pooled connection for the next request
+    body = bytes(range(65)) * 100
+    conn = await Conn.open(edge.port, HOST, client_ctx)
+    target = f"/general/dropfirst?id={uuid.uuid4().hex}"
+    conn.send(
+        f"POST {target} HTTP/1.1\r\nHost: {HOST}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+    )
+    await conn.writer.drain()
+    n = len(upstream.seen)
+    for i in range(0, len(body), 65):  # 100 TLS records: 100 reads at the edge
+        conn.send(body[i : i + 65])
+        await conn.writer.drain()
+        await asyncio.sleep(0.002)
+    [resp] = await conn.read_responses(timeout=6)
+    await conn.close()
+    assert resp.status == 200
+    seen = [s for s in upstream.seen[n:] if s.target == target.encode()]
+    assert len(seen) == 2  # dropped once, then retried
+    assert seen[-1].body == body

@@ -100,12 +100,15 @@ class _RawProtocol(asyncio.Protocol):
 class RawUpstream:
     """Paths (under any route) choose the answer:
     /x/slow?ms=N  wait N ms; /x/hop  hop-by-hop response headers; /x/cookies  two Set-Cookie;
-    /x/chunked  chunked body; /x/close  close-delimited body; /x/status?code=N; else 200 "ok".
+    /x/chunked  chunked body; /x/close  close-delimited body; /x/status?code=N;
+    /x/dropfirst?id=K  the first request with K is read, then its connection closed unanswered
+    (what a pooled connection the upstream had closed looks like); else 200 "ok".
     """
 
     def __init__(self, lt: LoopThread) -> None:
         self.lt = lt
         self.seen: list[Seen] = []
+        self.dropped: set[str] = set()
         self.connections = 0
         self.server: asyncio.Server | None = None
         self.port = 0
@@ -138,6 +141,10 @@ class RawUpstream:
         if last == "slow":
             await asyncio.sleep(int(query.get("ms", ["1000"])[0]) / 1000)
         if t.is_closing():
+            return
+        if last == "dropfirst" and query.get("id", [""])[0] not in self.dropped:
+            self.dropped.add(query.get("id", [""])[0])
+            t.close()
             return
         if last == "hop":
             t.write(
