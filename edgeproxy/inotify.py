@@ -68,6 +68,10 @@ class FolderWatch:
 
     def rewatch(self) -> None:
         """(Re)attach the watch: at start, and after the folder was removed or replaced."""
+        if self._wd >= 0:
+            # A moved folder keeps its old watch: drop it (it fails harmlessly if gone).
+            _libc.inotify_rm_watch(self.fd, self._wd)
+            self._wd = -1
         self.folder.mkdir(parents=True, exist_ok=True)
         wd = int(_libc.inotify_add_watch(self.fd, os.fsencode(self.folder), _MASK))
         if wd < 0:
