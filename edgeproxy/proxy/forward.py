@@ -408,7 +408,7 @@ class ClientConnection(asyncio.Protocol):
         if callback is None or self.closed:
             return
         now = self.loop.time()
-        if now < self._deadline:
+        if now < self._deadline - 0.001:  # (libuv timers have ms resolution: no spinning)
             self._timer_at = at = min(self._deadline, now + self.ctx.timer_step)
             self._timer = self.loop.call_at(at, self._check_deadline)
             return
