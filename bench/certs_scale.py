@@ -52,6 +52,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from common import cleanup, forked, log, nginx_bin, spawn, stop, tree  # noqa: E402
 from cryptography import x509  # noqa: E402
 from cryptography.hazmat.primitives import serialization  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import rsa  # noqa: E402
@@ -78,63 +79,6 @@ NGINX_BUDGET_S = 180.0
 
 # ---------------------------------------------------------------------------------------------
 # processes: everything started here is tracked and killed (by its own process group) at exit
-
-
-_started: list[subprocess.Popen[bytes]] = []
-_children: list[mp.process.BaseProcess] = []
-
-
-def _kill_group(p: subprocess.Popen[bytes]) -> None:
-    with suppress(ProcessLookupError, PermissionError):
-        os.killpg(p.pid, signal.SIGKILL)
-    with suppress(subprocess.TimeoutExpired):
-        p.wait(5)
-
-
-def cleanup() -> None:
-    for child in _children:
-        if child.is_alive():
-            child.kill()
-            child.join(5)
-    _children.clear()
-    for p in _started:
-        _kill_group(p)
-    _started.clear()
-
-
-def spawn(cmd: list[str], stderr_file: Path, **kw: Any) -> subprocess.Popen[bytes]:
-    with stderr_file.open("ab") as err:
-        p = subprocess.Popen(
-            cmd, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True, **kw
-        )
-    _started.append(p)
-    return p
-
-
-def stop(p: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 30.0) -> float:
-    """Graceful stop of the process we started, then SIGKILL whatever is left in its group."""
-    t0 = time.perf_counter()
-    if p.poll() is None:
-        with suppress(ProcessLookupError):
-            p.send_signal(sig)
-        with suppress(subprocess.TimeoutExpired):
-            p.wait(timeout)
-    took = time.perf_counter() - t0
-    _kill_group(p)
-    if p in _started:
-        _started.remove(p)
-    return took
-
-
-def tree(pid: int) -> list[int]:
-    out, todo = [], [pid]
-    while todo and len(out) < 1000:
-        cur = todo.pop()
-        out.append(cur)
-        with suppress(OSError):
-            for task in Path(f"/proc/{cur}/task").iterdir():
-                todo += [int(c) for c in (task / "children").read_text().split()]
-    return out
 
 
 def _status_kb(pid: int, key: str, file: str = "status") -> int:
@@ -356,7 +300,7 @@ def background_handshakes(
     stop_evt = fork.Event()
     proc = fork.Process(target=_bg_loop, args=(port, str(root_pem), name, stop_evt, str(out), 600))
     proc.start()
-    _children.append(proc)
+    forked.append(proc)
     result: dict[str, Any] = {}
     try:
         yield result
@@ -366,7 +310,7 @@ def background_handshakes(
         if proc.is_alive():
             proc.kill()
             proc.join(5)
-        _children.remove(proc)
+        forked.remove(proc)
         with suppress(OSError, ValueError):
             result.update(json.loads(out.read_text()))
 
@@ -414,10 +358,6 @@ def stderr_summary(path: Path, since: int = 0) -> dict[str, Any]:
             levels["non-json"] += 1
             msgs[f"raw: {line[:120]}"] += 1
     return {"lines": len(lines), "levels": dict(levels), "top": dict(msgs.most_common(5))}
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -783,10 +723,6 @@ def edge_swap(
 
 # ---------------------------------------------------------------------------------------------
 # nginx
-
-
-def nginx_bin() -> str:
-    return shutil.which("nginx") or "/usr/sbin/nginx"
 
 
 def nginx_conf(run: Path, certs: Path, n: int) -> Path:

@@ -59,6 +59,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from common import children, cleanup, forked, log, nginx_bin, spawn  # noqa: E402
+
 from edgeproxy.demo import issue_leaf, make_ca, make_intermediate, pem, write_bundle  # noqa: E402
 from edgeproxy.tls.sni import INTERMEDIATE_CIPHERS  # noqa: E402
 
@@ -97,53 +99,6 @@ def request(close: bool) -> bytes:
     )
 
 
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-# ---------------------------------------------------------------------------------------------
-# processes: everything started here is tracked and killed (by its process group) at exit
-
-_started: list[subprocess.Popen[bytes]] = []
-_children: list[mp.process.BaseProcess] = []
-
-
-def cleanup() -> None:
-    for child in list(_children):
-        if child.is_alive():
-            child.kill()
-            child.join(5)
-    _children.clear()
-    for p in list(_started):
-        if p.poll() is None:
-            with suppress(ProcessLookupError):
-                p.send_signal(signal.SIGTERM)
-            with suppress(subprocess.TimeoutExpired):
-                p.wait(15)
-        with suppress(ProcessLookupError, PermissionError):
-            os.killpg(p.pid, signal.SIGKILL)
-        with suppress(subprocess.TimeoutExpired):
-            p.wait(5)
-    _started.clear()
-
-
-def spawn(cmd: list[str], stderr_file: Path, **kw: Any) -> subprocess.Popen[bytes]:
-    with stderr_file.open("ab") as err:
-        p = subprocess.Popen(
-            cmd, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True, **kw
-        )
-    _started.append(p)
-    return p
-
-
-def children(pid: int) -> list[int]:
-    out: list[int] = []
-    with suppress(OSError):
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            out += [int(c) for c in (task / "children").read_text().split()]
-    return out
-
-
 def cpu_seconds(pids: list[int]) -> float:
     tick = os.sysconf("SC_CLK_TCK")
     total = 0
@@ -162,7 +117,7 @@ def run_procs(
     q = fork.Queue()
     procs = [fork.Process(target=target, args=(*a, q), daemon=True) for a in argss]
     for p in procs:
-        _children.append(p)
+        forked.append(p)
         p.start()
     results: list[dict[str, Any]] = []
     deadline = time.monotonic() + timeout
@@ -179,7 +134,7 @@ def run_procs(
             if p.is_alive():
                 p.kill()
                 p.join(5)
-            _children.remove(p)
+            forked.remove(p)
     if len(results) < len(procs):
         raise RuntimeError(f"{len(procs) - len(results)} load processes returned nothing")
     return results
@@ -201,10 +156,6 @@ def ensure_tools() -> None:
     if not re.search(rf"^127\.0\.0\.1\s.*\b{re.escape(HOST)}\b", hosts.read_text(), re.M):
         with hosts.open("a") as f:
             f.write(f"127.0.0.1 {HOST}\n")
-
-
-def nginx_bin() -> str:
-    return shutil.which("nginx") or "/usr/sbin/nginx"
 
 
 def nginx_conf(work: Path, name: str, workers: int, body: str) -> Path:
