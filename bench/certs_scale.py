@@ -52,7 +52,17 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common import cleanup, forked, log, nginx_bin, spawn, stop, tree  # noqa: E402
+from common import (  # noqa: E402
+    cleanup,
+    forked,
+    interrupt_on_sigterm,
+    log,
+    nginx_bin,
+    ports_free,
+    spawn,
+    stop,
+    tree,
+)
 from cryptography import x509  # noqa: E402
 from cryptography.hazmat.primitives import serialization  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import rsa  # noqa: E402
@@ -1039,16 +1049,9 @@ def main() -> int:
         args.handshakes, args.swap_reps = 20, 3
     if not Path(nginx_bin()).exists():
         args.no_nginx = True
-    for port in (EDGE_PORT, METRICS_PORT, NGINX_PORT):
-        with socket.socket() as s:
-            if s.connect_ex((HOST, port)) == 0:
-                log(f"port {port} on {HOST} is in use; stop whatever holds it")
-                return 1
-
-    def on_signal(signum: int, _: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, on_signal)
+    if not ports_free(HOST, [EDGE_PORT, METRICS_PORT, NGINX_PORT]):
+        return 1
+    interrupt_on_sigterm()
     phases: dict[str, float] = {}
     results: dict[str, Any] = {
         "meta": {

@@ -11,6 +11,7 @@ import multiprocessing as mp
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -89,3 +90,22 @@ def tree(pid: int) -> list[int]:
 
 def nginx_bin() -> str:
     return shutil.which("nginx") or "/usr/sbin/nginx"
+
+
+def ports_free(host: str, ports: list[int]) -> bool:
+    """False (and says which) when something already listens on one of `ports`."""
+    for port in ports:
+        with socket.socket() as sock:
+            if sock.connect_ex((host, port)) == 0:
+                log(f"port {port} on {host} is in use; stop whatever holds it")
+                return False
+    return True
+
+
+def interrupt_on_sigterm() -> None:
+    """SIGTERM unwinds like Ctrl-C, so `finally: cleanup()` runs."""
+
+    def on_signal(signum: int, _: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, on_signal)

@@ -40,7 +40,6 @@ import platform
 import re
 import selectors
 import shutil
-import signal
 import socket
 import ssl
 import statistics
@@ -59,7 +58,16 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common import children, cleanup, forked, log, nginx_bin, spawn  # noqa: E402
+from common import (  # noqa: E402
+    children,
+    cleanup,
+    forked,
+    interrupt_on_sigterm,
+    log,
+    nginx_bin,
+    ports_free,
+    spawn,
+)
 
 from edgeproxy.demo import issue_leaf, make_ca, make_intermediate, pem, write_bundle  # noqa: E402
 from edgeproxy.tls.sni import INTERMEDIATE_CIPHERS  # noqa: E402
@@ -1214,25 +1222,10 @@ def main() -> int:
     if args.smoke:
         args.rounds, args.seconds, args.xw_trials, args.xw_per_trial = 1, 2, 5, 6
     ensure_tools()
-    for port in (
-        UPSTREAM_PORT,
-        EDGE1_PORT,
-        EDGE2_PORT,
-        NGINX1_PORT,
-        NGINX2_PORT,
-        EDGE1_METRICS,
-        EDGE2_METRICS,
-        RELAY_PORT,
-    ):
-        with socket.socket() as sock:
-            if sock.connect_ex((LOOP, port)) == 0:
-                log(f"port {port} on {LOOP} is in use; stop whatever holds it")
-                return 1
-
-    def on_signal(signum: int, _: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, on_signal)
+    ports = [UPSTREAM_PORT, EDGE1_PORT, EDGE2_PORT, NGINX1_PORT, NGINX2_PORT, RELAY_PORT]
+    if not ports_free(LOOP, [*ports, EDGE1_METRICS, EDGE2_METRICS]):
+        return 1
+    interrupt_on_sigterm()
     work = Path(tempfile.mkdtemp(prefix="edgeproxy-run-"))
     t0 = time.monotonic()
     try:
