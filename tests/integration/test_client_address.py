@@ -14,7 +14,7 @@ import pytest
 
 from tests.conftest import DOMAINS
 from tests.integration.conftest import base_config
-from tests.support.client import Conn, build, request
+from tests.support.client import Conn, build, forwarded
 from tests.support.edge import Edge
 
 HOST = DOMAINS[0]
@@ -109,17 +109,16 @@ async def test_missing_proxy_header_is_refused(proxied_edge, client_ctx):
 
 
 async def test_trusted_chain_and_anonymization(anonymizing_edge, upstream, client_ctx):
-    n = len(upstream.seen)
-    resp = await request(
+    resp, seen = await forwarded(
         anonymizing_edge.port,
         HOST,
         client_ctx,
+        upstream,
         "POST",
         "/track",
         body=b"{}",
         headers=[("X-Forwarded-For", "198.51.100.77")],
     )
-    seen = upstream.wait_seen(n + 1)[n]
     assert resp.status == 200
     assert seen.header(b"x-forwarded-for") == [b"198.51.100.0, 127.0.0.0"]
     assert seen.header(b"forwarded")[0].startswith(b"for=198.51.100.0;")
@@ -149,11 +148,11 @@ async def test_doctor_speaks_proxy_protocol_to_its_edge(proxied_edge):
 async def test_anonymization_of_ports_and_other_client_headers(
     anonymizing_edge, upstream, client_ctx
 ):
-    n = len(upstream.seen)
-    resp = await request(
+    resp, seen = await forwarded(
         anonymizing_edge.port,
         HOST,
         client_ctx,
+        upstream,
         "POST",
         "/track",
         body=b"{}",
@@ -163,7 +162,6 @@ async def test_anonymization_of_ports_and_other_client_headers(
             ("CF-Connecting-IP", "198.51.100.23"),
         ],
     )
-    seen = upstream.wait_seen(n + 1)[n]
     assert resp.status == 200
     assert seen.header(b"x-forwarded-for") == [b"198.51.100.0, 127.0.0.0"]
     assert seen.header(b"forwarded")[0].startswith(b"for=198.51.100.0;")

@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import DOMAINS
 from tests.integration.conftest import base_config
-from tests.support.client import Conn, build, request
+from tests.support.client import Conn, build, forwarded, request
 from tests.support.edge import Edge
 from tests.support.upstream import RawUpstream
 
@@ -25,12 +25,7 @@ def _reached(upstream: RawUpstream) -> bool:
 
 
 async def _forwarded(edge, upstream: RawUpstream, client_ctx, method, target, **kw):
-    """Send one request and return (response, what the upstream saw)."""
-    n = len(upstream.seen)
-    resp = await request(edge.port, HOST, client_ctx, method, target, **kw)
-    seen = await asyncio.to_thread(upstream.wait_seen, n + 1)
-    assert len(seen) == n + 1, "the upstream did not get the request"
-    return resp, seen[n]
+    return await forwarded(edge.port, HOST, client_ctx, upstream, method, target, **kw)
 
 
 async def test_body_query_and_headers_arrive_byte_exact(edge, upstream, client_ctx):

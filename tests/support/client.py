@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from dataclasses import dataclass, field
+from typing import Any
 
 import httptools
 
@@ -128,3 +129,15 @@ async def request(
         return responses[0]
     finally:
         await conn.close()
+
+
+async def forwarded(
+    port: int, sni: str, ctx: ssl.SSLContext, upstream: Any, method: str, target: str, **kw: Any
+) -> tuple[Response, Any]:
+    """Send one request through the edge and return (response, what the upstream saw)
+    (`upstream`: a tests.support.upstream.RawUpstream)."""
+    n = len(upstream.seen)
+    resp = await request(port, sni, ctx, method, target, **kw)
+    seen = await asyncio.to_thread(upstream.wait_seen, n + 1)
+    assert len(seen) == n + 1, "the upstream did not get the request"
+    return resp, seen[n]
