@@ -1,8 +1,9 @@
 """What first-party context changes for one forwarded request: cookies, visitor id, CORS.
 
-Built once per request from its headers (`inspect`, or `decide` from the values the
-forwarder read), then applied to the request head sent upstream (`request_lines`) and to
-the response head sent back (`response_headers`, `added_response_headers`).
+Decided once per request (`decide`, from the values the forwarder's one pass over the head
+read), then applied to the request head sent upstream (`request_lines`) and to the response
+head sent back: the forwarder drops REPLACED names from the upstream's headers, rewrites
+Set-Cookie domains, and adds `added_response_headers`.
 See cookies.py and cors.py for the rules.
 """
 
@@ -34,29 +35,10 @@ class FirstParty:
     preflight_headers: bytes
 
 
-def inspect(headers: list[Header], policy: Policy) -> FirstParty:
-    origin = None
-    jar = []
-    acrm = None
-    acrh = b""
-    for name, value in headers:
-        low = name.lower()
-        if low == b"cookie":
-            jar.append(value)
-        elif low == b"origin":
-            origin = value.strip()
-        elif low == b"access-control-request-method":
-            acrm = value.strip()
-        elif low == b"access-control-request-headers":
-            acrh = value
-    return decide(policy, jar, origin, acrm, acrh)
-
-
 def decide(
     policy: Policy, jar: list[bytes], origin: bytes | None, acrm: bytes | None, acrh: bytes
 ) -> FirstParty:
-    """The first-party decisions from the request headers that matter to them (the forwarder
-    collects those in its single pass over the head)."""
+    """The first-party decisions from the request headers that matter to them."""
     pairs = cookies.parse(jar) if jar else []
     visitor, source = cookies.visitor_id(pairs, policy)
     return FirstParty(
@@ -75,20 +57,6 @@ def decide(
 def request_lines(fp: FirstParty) -> bytes:
     """The visitor id header and the allowlisted Cookie header, as header lines."""
     return b"%s: %s\r\nCookie: %s\r\n" % (cookies.VISITOR_HEADER, fp.visitor, fp.cookie)
-
-
-def response_headers(headers: list[Header], fp: FirstParty) -> list[Header]:
-    """The upstream's response headers with the edge's cookie, caching and CORS decisions."""
-    out = []
-    for name, value in headers:
-        low = name.lower()
-        if low in REPLACED:
-            continue
-        if low == b"set-cookie":
-            value = cookies.rewrite_domain(value, fp.policy)
-        out.append((name, value))
-    out += added_response_headers(fp)
-    return out
 
 
 def added_response_headers(fp: FirstParty) -> list[Header]:

@@ -116,19 +116,20 @@ def test_preflight():
     assert cors.preflight(b"https://www.example.co.jp", True, b"X-Secret")[0] == 403
 
 
-def test_response_headers_replace_upstream_cors_and_caching():
-    fp = firstparty.inspect([(b"Origin", b"https://evil.test")], _policy())
-    out = firstparty.response_headers(
-        [
-            (b"Access-Control-Allow-Origin", b"*"),
-            (b"Cache-Control", b"max-age=60"),
-            (b"X-Kept", b"1"),
-        ],
-        fp,
-    )
+def test_responses_get_the_edges_cors_and_caching_not_the_upstreams():
+    """The forwarder drops REPLACED names from upstream responses and adds these (end to end:
+    test_firstparty.py's upstream `*` and max-age are replaced)."""
+    assert {b"access-control-allow-origin", b"cache-control"} <= firstparty.REPLACED
+    fp = firstparty.decide(_policy(), [], b"https://evil.test", None, b"")
+    out = firstparty.added_response_headers(fp)
     names = [n for n, _ in out]
     assert b"Access-Control-Allow-Origin" not in names
-    assert (b"Cache-Control", b"no-store") in out and (b"X-Kept", b"1") in out
+    assert (b"Cache-Control", b"no-store") in out
+    assert out[0][0] == b"Set-Cookie" and out[0][1].startswith(b"_ep_vid=" + fp.visitor)
+    fp = firstparty.decide(_policy(), [], b"https://www.example.co.jp", None, b"")
+    assert (b"Access-Control-Allow-Origin", b"https://www.example.co.jp") in (
+        firstparty.added_response_headers(fp)
+    )
 
 
 def test_policy_config():
