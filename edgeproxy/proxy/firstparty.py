@@ -3,7 +3,7 @@
 Decided once per request (`decide`, from the values the forwarder's one pass over the head
 read), then applied to the request head sent upstream (`request_lines`) and to the response
 head sent back: the forwarder drops REPLACED names from the upstream's headers, rewrites
-Set-Cookie domains, and adds `added_response_headers`.
+Set-Cookie domains, and adds `response_lines`.
 See cookies.py and cors.py for the rules.
 """
 
@@ -39,19 +39,17 @@ def decide(
     policy: Policy, jar: list[bytes], origin: bytes | None, acrm: bytes | None, acrh: bytes
 ) -> FirstParty:
     """The first-party decisions from the request headers that matter to them."""
-    pairs = cookies.parse(jar) if jar else []
-    visitor, source = cookies.visitor_id(pairs, policy)
-    return FirstParty(
-        policy=policy,
-        origin=origin,
-        origin_allowed=origin is not None and policy.origin_allowed(origin),
-        visitor=visitor,
-        source=source,
-        cookie=cookies.forwarded_cookie(pairs, policy, visitor),
-        opted_out=bool(pairs) and cookies.opted_out(pairs, policy),
-        preflight_method=acrm,
-        preflight_headers=acrh,
-    )
+    if jar:
+        pairs = cookies.parse(jar)
+        visitor, source = cookies.visitor_id(pairs, policy)
+        cookie = cookies.forwarded_cookie(pairs, policy, visitor)
+        opted_out = cookies.opted_out(pairs, policy)
+    else:  # no cookie at all (a first visit): a new id, nothing else to read
+        visitor, source = cookies.new_visitor_id(), "new"
+        cookie = cookies.forwarded_cookie([], policy, visitor)
+        opted_out = False
+    allowed = origin is not None and policy.origin_allowed(origin)
+    return FirstParty(policy, origin, allowed, visitor, source, cookie, opted_out, acrm, acrh)
 
 
 def request_lines(fp: FirstParty) -> bytes:
@@ -59,15 +57,15 @@ def request_lines(fp: FirstParty) -> bytes:
     return b"%s: %s\r\nCookie: %s\r\n" % (cookies.VISITOR_HEADER, fp.visitor, fp.cookie)
 
 
-def added_response_headers(fp: FirstParty) -> list[Header]:
-    """What the edge adds to a forwarded response (after dropping REPLACED names)."""
-    out = [
-        (b"Set-Cookie", cookies.visitor_set_cookie(fp.policy, fp.visitor)),
-        (b"Cache-Control", b"no-store"),
-    ]
+def response_lines(fp: FirstParty) -> bytes:
+    """What the edge adds to a forwarded response (after dropping REPLACED names), as header
+    lines: the visitor cookie, no-store, and the CORS grant for an allowed origin."""
+    lines = b"Set-Cookie: %s\r\nCache-Control: no-store\r\n" % cookies.visitor_set_cookie(
+        fp.policy, fp.visitor
+    )
     if fp.origin_allowed and fp.origin is not None:
-        out += cors.grant(fp.origin)
-    return out
+        lines += b"".join([b"%s: %s\r\n" % h for h in cors.grant(fp.origin)])
+    return lines
 
 
 def opt_out_headers(fp: FirstParty) -> list[Header]:

@@ -107,7 +107,8 @@ class ProxyContext:
     """Where access lines go; None when `log.access` is off."""
     draining: bool = False
     pid: int = field(default_factory=os.getpid)
-    _hist: dict[tuple[str, str], BatchedObserver] = field(default_factory=dict)
+    _hist: dict[str, list[BatchedObserver]] = field(default_factory=dict)
+    """Per route, the request_duration observers by status // 100 (0 and 1 both 1xx)."""
     _upstream_hist: dict[str, BatchedObserver] = field(default_factory=dict)
     _handshakes: dict[str, Any] = field(default_factory=dict)
     _active_flushed: int = 0
@@ -124,16 +125,21 @@ class ProxyContext:
         for route in self.metrics.route_labels:
             child = self.metrics.upstream_duration.labels(route)
             self._upstream_hist[route] = BatchedObserver(child)
-            for cls in ("1xx", "2xx", "3xx", "4xx", "5xx"):
-                child = self.metrics.request_duration.labels(route, cls)
-                self._hist[(route, cls)] = BatchedObserver(child)
+            by_class = [
+                BatchedObserver(self.metrics.request_duration.labels(route, cls))
+                for cls in ("1xx", "2xx", "3xx", "4xx", "5xx")
+            ]
+            self._hist[route] = [by_class[0], *by_class]
 
     def flush_metrics(self) -> None:
         """Hand what the hot path gathered in plain Python to the (multiprocess) metrics, and
         the access lines to stdout."""
         if self.access is not None:
             self.access.flush()
-        for observer in (*self._hist.values(), *self._upstream_hist.values()):
+        for by_class in self._hist.values():
+            for observer in by_class[1:]:
+                observer.flush()
+        for observer in self._upstream_hist.values():
             observer.flush()
         self.tally.flush(lambda result, n: self._handshakes[result].inc(n))
         if len(self.connections) != self._active_flushed:
@@ -141,8 +147,7 @@ class ProxyContext:
             self.metrics.connections_active.set(self._active_flushed)
 
     def observe(self, route: str, status: int, seconds: float) -> None:
-        cls = f"{min(max(status // 100, 1), 5)}xx"
-        self._hist[(route, cls)].observe(seconds)
+        self._hist[route][min(status // 100, 5)].observe(seconds)
 
     def observe_upstream(self, route: str, seconds: float) -> None:
         self._upstream_hist[route].observe(seconds)
@@ -265,6 +270,13 @@ class ClientConnection(asyncio.Protocol):
         self.policy: Policy | None = None
         self._forwarding: bytes | None = None
         self._good_host = b""
+        self._timed: Request | None = None  # the request whose head the timer bounds
+        server = ctx.settings.server
+        self._max_header_bytes = server.max_header_bytes
+        self._max_headers = server.max_headers
+        self._max_body_bytes = server.max_body_bytes
+        self._last_path = b""  # the last path that was checked and routed, and its route
+        self._last_route: RouteTarget | None = None
 
     # --- connection lifecycle --------------------------------------------------------------
 
@@ -293,6 +305,7 @@ class ClientConnection(asyncio.Protocol):
             return
         self.closed = True
         self.parser = None  # break the parser <-> protocol cycle
+        self._timed = None
         self._on_deadline = None
         if self._timer is not None:
             self._timer.cancel()
@@ -343,6 +356,11 @@ class ClientConnection(asyncio.Protocol):
             self._feeding = False
             if self._cork:
                 self._uncork()
+            if self._in_head and self.current is not None and self.current is not self._timed:
+                # A head left incomplete by this read gets the header timeout (once: more
+                # bytes don't extend it). Armed here, not at its first byte: most heads end
+                # in the read they start in, and then that timer would be wasted.
+                self._arm_header_timeout()
 
     def write_upstream(self, conn: UpstreamConnection, data: bytes) -> None:
         """Write to an upstream; while the parser runs, held back and joined (a head and
@@ -415,6 +433,11 @@ class ClientConnection(asyncio.Protocol):
         self._on_deadline = None
         callback()
 
+    def _arm_header_timeout(self) -> None:
+        if not self.queue:  # behind a request in flight, finish() arms it when its turn comes
+            self._timed = self.current
+            self._arm(self.ctx.settings.server.header_timeout, self._on_header_timeout)
+
     def _on_header_timeout(self) -> None:
         if self.current is not None and self.current.header_bytes:
             self._reject(408)
@@ -457,26 +480,24 @@ class ClientConnection(asyncio.Protocol):
         self._in_head = True
         self._head_bytes = 0
         self._in_trailers = False
-        if not self.queue:
-            self._arm(self.ctx.settings.server.header_timeout, self._on_header_timeout)
+
+    # (llhttp calls these only between on_message_begin and on_message_complete: `current`
+    # is set, unchecked here.)
 
     def on_url(self, url: bytes) -> None:
-        req = self.current
-        assert req is not None
+        req: Request = self.current  # type: ignore[assignment]
         req.target += url
         req.header_bytes += len(url)
-        if req.header_bytes > self.ctx.settings.server.max_header_bytes:
+        if req.header_bytes > self._max_header_bytes:
             raise _HeadersTooLarge
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        req = self.current
-        assert req is not None
+        req: Request = self.current  # type: ignore[assignment]
         if not self._in_trailers:
             req.headers.append((name, value))
         # Chunked trailers are counted but dropped: they must never reach the forwarded head.
         req.header_bytes += len(name) + len(value) + 4
-        server = self.ctx.settings.server
-        if req.header_bytes > server.max_header_bytes or len(req.headers) > server.max_headers:
+        if req.header_bytes > self._max_header_bytes or len(req.headers) > self._max_headers:
             raise _HeadersTooLarge
 
     def on_headers_complete(self) -> None:
@@ -490,10 +511,10 @@ class ClientConnection(asyncio.Protocol):
         req.started = time.perf_counter()
         self._in_head = False
         self._in_trailers = True
-        _read_head(req, self.ctx.settings.server.max_body_bytes)
+        _read_head(req, self._max_body_bytes)
         self.queue.append(req)
         if len(self.queue) == 1:
-            self._disarm()
+            self._on_deadline = None  # (_disarm)
             self._start(req)
 
     def on_body(self, body: bytes) -> None:
@@ -575,12 +596,17 @@ class ClientConnection(asyncio.Protocol):
                 return self._respond(req, 421, "this connection serves another host")
             self._good_host = host
         req.host = host
-        if not is_safe_path(path):
-            return self._respond(req, 400, "dot segments are not allowed in the path")
         req.path = path
-        target_route = ctx.routes.match(path)
-        if target_route is None:
-            return self._respond(req, 404, "no such route")
+        if path == self._last_path:  # a connection's beacons mostly go to one path
+            target_route = self._last_route
+        else:
+            if not is_safe_path(path):
+                return self._respond(req, 400, "dot segments are not allowed in the path")
+            target_route = ctx.routes.match(path)
+            if target_route is None:
+                return self._respond(req, 404, "no such route")
+            self._last_path, self._last_route = path, target_route
+        assert target_route is not None
         req.route = target_route.prefix
         if ctx.draining:
             return self._respond(req, 503, "the edge is shutting down")
@@ -699,9 +725,10 @@ class ClientConnection(asyncio.Protocol):
             # by the edge would otherwise recurse once per request.
             self.loop.call_soon(self._start_next)
             return
-        self._resume(_PAUSE_PIPELINE)
+        if self._paused:
+            self._resume(_PAUSE_PIPELINE)
         if self.current is not None:  # a pipelined request still arriving: bound its head
-            self._arm(ctx.settings.server.header_timeout, self._on_header_timeout)
+            self._arm_header_timeout()
         else:
             self._arm(ctx.settings.server.keepalive_timeout, self._on_idle_timeout)
 
@@ -828,9 +855,10 @@ def _read_head(req: Request, max_body: int) -> None:
             req.expect_continue |= value.strip().lower() == b"100-continue"
         elif kind == _H_UPGRADE and not req.upgrade_to:
             req.upgrade_to = value
-    named = set(tokens) - HOP_BY_HOP - {b""}
-    if named:  # a header named in Connection is hop-by-hop too (RFC 9110 7.6.1)
-        req.forward = [(n, v) for n, v in forward if n.lower() not in named]
+    if tokens:
+        named = set(tokens) - HOP_BY_HOP - {b""}
+        if named:  # a header named in Connection is hop-by-hop too (RFC 9110 7.6.1)
+            req.forward = [(n, v) for n, v in forward if n.lower() not in named]
     if req.content_length is not None and req.content_length > max_body:
         req.refusal = (413, f"request body over {max_body} bytes")
 
@@ -996,47 +1024,22 @@ class Exchange:
         self.head_sent = True
         self.status = status
         fp = req.fp if status != 101 else None
-        # One pass: hop-by-hop headers (and, with first-party, the CORS and caching headers
-        # the edge decides) dropped, upstream Set-Cookie Domains rewritten.
-        drop = _RESPONSE_DROP_FIRST_PARTY if fp is not None else HOP_BY_HOP
-        out: list[Header] = []
-        tokens: list[bytes] = []
-        upgrade = b""
-        for name, value in headers:
-            low = name.lower()
-            if low in drop:
-                if low == b"connection":
-                    tokens += [t.strip().lower() for t in value.split(b",")]
-                elif low == b"upgrade" and not upgrade:
-                    upgrade = value
-                continue
-            if low == b"set-cookie" and fp is not None:
-                value = cookies.rewrite_domain(value, fp.policy)
-            out.append((name, value))
-        named = set(tokens) - HOP_BY_HOP - {b""}
-        if named:  # a header named in Connection is hop-by-hop too (RFC 9110 7.6.1)
-            out = [(n, v) for n, v in out if n.lower() not in named]
-        close = not req.keep_alive or client.ctx.draining or req.version == "1.0"
-        if status == 101:
-            out += [(b"Connection", b"Upgrade"), (b"Upgrade", upgrade or b"websocket")]
-            close = False
-        elif not (
-            status in (204, 304)
-            or req.method == b"HEAD"
-            or any(n.lower() == b"content-length" for n, _ in out)
-        ):
-            # Chunked or close-delimited upstream body: re-frame for this client.
-            if req.version == "1.1":
-                self.chunked_out = True
-                out.append((b"Transfer-Encoding", b"chunked"))
-            else:
-                close = True
-        if req.upgrade and status != 101:
-            close = True  # the client's parser is past an upgrade request
-        if fp is not None:
-            out += firstparty.added_response_headers(fp)
+        closing = not req.keep_alive or client.ctx.draining or req.version == "1.0"
+        # Upstream heads repeat (most differ only by Date, once a second): the filtered and
+        # formatted upstream part is made once per distinct head and request shape.
+        key = (status, reason, fp is None, closing, req.upgrade, req.version, req.method, *headers)
+        made = _HEAD_CACHE.get(key)
+        if made is None:
+            made = _upstream_head(status, reason, headers, req, fp, closing)
+            if made[3]:
+                if len(_HEAD_CACHE) >= _HEAD_CACHE_SIZE:
+                    _HEAD_CACHE.clear()
+                _HEAD_CACHE[key] = made
+        head, self.chunked_out, close, _ = made
         self.close_after = close
-        head = head_bytes(status, reason or _phrase(status), out, close)
+        if fp is not None:
+            head += firstparty.response_lines(fp)
+        head += b"Connection: close\r\n\r\n" if close else b"\r\n"
         if status == 101:
             client.write(head)
         else:
@@ -1061,7 +1064,9 @@ class Exchange:
             return
         tail = b"0\r\n\r\n" if self.chunked_out else b""
         if self.pending or tail:
-            self.client.write(self.pending + tail)
+            transport = self.client.transport
+            if transport is not None and not transport.is_closing():
+                transport.write(self.pending + tail)
             self.pending = b""
         self._done(self.status, keep_alive=not self.close_after)
 
@@ -1162,7 +1167,8 @@ class Exchange:
             client._write_waiter = None
             if conn.transport is not None and not conn.closed:
                 conn.transport.resume_reading()
-        client._resume(_PAUSE_UPSTREAM)
+        if client._paused:
+            client._resume(_PAUSE_UPSTREAM)
         if abort:
             conn.abort()
         elif self.pool is not None:
@@ -1170,7 +1176,9 @@ class Exchange:
 
     def _done(self, status: int, *, keep_alive: bool, abort: bool = False) -> None:
         self.finished = True
-        self._cancel_timer()
+        if self.timer_armed:  # (_cancel_timer)
+            self.timer_armed = False
+            self.client._on_deadline = None
         ctx = self.client.ctx
         ctx.observe_upstream(self.target.prefix, time.perf_counter() - self.upstream_started)
         upstream = self.pool.url if self.pool is not None else None
@@ -1187,6 +1195,70 @@ class Exchange:
 
 
 _RESPONSE_DROP_FIRST_PARTY = HOP_BY_HOP | firstparty.REPLACED
+_HEAD_CACHE: dict[tuple[Any, ...], tuple[bytes, bool, bool, bool]] = {}
+_HEAD_CACHE_SIZE = 512
+_HEAD_CACHE_ENTRY = 2048  # bytes: an upstream's odd huge head is made each time
+
+
+def _upstream_head(
+    status: int,
+    reason: bytes,
+    headers: list[Header],
+    req: Request,
+    fp: FirstParty | None,
+    closing: bool,
+) -> tuple[bytes, bool, bool, bool]:
+    """The client's response head from the upstream's, up to the lines the edge adds:
+    (status line and kept headers, chunked re-framing, close after, cacheable).
+
+    One pass: hop-by-hop headers (and, with first-party, the CORS and caching headers the
+    edge decides) dropped, upstream Set-Cookie Domains rewritten (then not cacheable: the
+    rewrite is the domain's).
+    """
+    drop = _RESPONSE_DROP_FIRST_PARTY if fp is not None else HOP_BY_HOP
+    out: list[Header] = []
+    tokens: list[bytes] = []
+    upgrade = b""
+    framed = status in (204, 304) or req.method == b"HEAD"
+    cacheable = True
+    for name, value in headers:
+        low = name.lower()
+        if low in drop:
+            if low == b"connection":
+                tokens += [t.strip().lower() for t in value.split(b",")]
+            elif low == b"upgrade" and not upgrade:
+                upgrade = value
+            continue
+        if low == b"set-cookie" and fp is not None:
+            value = cookies.rewrite_domain(value, fp.policy)
+            cacheable = False
+        elif low == b"content-length":
+            framed = True
+        out.append((name, value))
+    if tokens:
+        named = set(tokens) - HOP_BY_HOP - {b""}
+        if named:  # a header named in Connection is hop-by-hop too (RFC 9110 7.6.1)
+            out = [(n, v) for n, v in out if n.lower() not in named]
+            framed = status in (204, 304) or req.method == b"HEAD"
+            framed = framed or any(n.lower() == b"content-length" for n, _ in out)
+    close = closing
+    chunked = False
+    if status == 101:
+        out += [(b"Connection", b"Upgrade"), (b"Upgrade", upgrade or b"websocket")]
+        close = False
+    elif not framed:
+        # Chunked or close-delimited upstream body: re-frame for this client.
+        if req.version == "1.1":
+            chunked = True
+            out.append((b"Transfer-Encoding", b"chunked"))
+        else:
+            close = True
+    if req.upgrade and status != 101:
+        close = True  # the client's parser is past an upgrade request
+    parts = [b"HTTP/1.1 %d %s\r\n" % (status, reason or _phrase(status))]
+    parts += [b"%s: %s\r\n" % h for h in out]
+    head = b"".join(parts)
+    return head, chunked, close, cacheable and len(head) <= _HEAD_CACHE_ENTRY
 
 
 def _chunk(data: bytes) -> bytes:

@@ -96,10 +96,6 @@ class UpstreamConnection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
-    @property
-    def reusable(self) -> bool:
-        return self._reusable and not self.closed and not self.tunnel
-
     # --- asyncio.Protocol ------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -115,11 +111,10 @@ class UpstreamConnection(asyncio.Protocol):
             # Bytes on an idle connection break HTTP framing: never reuse it.
             self.abort()
             return
-        sink = self.sink
         try:
             self.parser.feed_data(data)
-            if sink is not None:
-                sink.flush()
+            if self.sink is not None:  # (None once the response is complete)
+                self.sink.flush()
         except httptools.HttpParserUpgrade as exc:
             self.tunnel = True
             if self.sink is not None:
@@ -273,11 +268,16 @@ class UpstreamPool:
 
     def release(self, conn: UpstreamConnection) -> None:
         """Take a connection back after its exchange: pool it if it can carry another."""
-        if not conn.reusable or len(self.idle) >= self.settings.upstream_max_idle:
+        if (
+            not conn._reusable  # the response ended and said keep-alive
+            or conn.closed
+            or conn.tunnel
+            or len(self.idle) >= self.settings.upstream_max_idle
+        ):
             if not conn.closed:
                 conn.abort()
             return
-        loop = self._loop()
+        loop = self._event_loop or self._loop()
         conn.idle_since = loop.time()
         self.idle.append(conn)
         if self._sweeper is None:
