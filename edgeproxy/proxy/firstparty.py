@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from edgeproxy.proxy import cookies, cors
-from edgeproxy.proxy.headers import Header
+from edgeproxy.proxy.headers import Header, header_lines
 from edgeproxy.proxy.policy import Policy
 
 # Request headers the edge rebuilds: a client can't set the upstream's visitor id itself.
@@ -64,7 +64,7 @@ def response_lines(fp: FirstParty) -> bytes:
         fp.policy, fp.visitor
     )
     if fp.origin_allowed and fp.origin is not None:
-        lines += b"".join([b"%s: %s\r\n" % h for h in cors.grant(fp.origin)])
+        lines += header_lines(cors.grant(fp.origin))
     return lines
 
 

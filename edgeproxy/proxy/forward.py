@@ -48,6 +48,7 @@ from edgeproxy.proxy.headers import (
     anonymize,
     client_address,
     forwarding_headers,
+    header_lines,
     is_trusted,
 )
 from edgeproxy.proxy.policy import Policy, PolicyBook
@@ -523,7 +524,7 @@ class ClientConnection(asyncio.Protocol):
         req.body_size += len(body)
         if req.discard:
             return
-        if req.body_size > self.ctx.settings.server.max_body_bytes:
+        if req.body_size > self._max_body_bytes:
             if self.queue and self.queue[0] is req:
                 self._body_too_large(req)
             else:  # pipelined: answered 413 when its turn comes
@@ -688,11 +689,19 @@ class ClientConnection(asyncio.Protocol):
         self._respond(req, status, message)
 
     def finish(
-        self, req: Request, status: int, *, keep_alive: bool, upstream: str | None, bytes_out: int
+        self,
+        req: Request,
+        status: int,
+        *,
+        keep_alive: bool,
+        upstream: str | None,
+        bytes_out: int,
+        now: float = 0.0,
     ) -> None:
-        """The end of one request: metrics, access log, then the next request or close."""
+        """The end of one request: metrics, access log, then the next request or close.
+        `now` is time.perf_counter() when the caller has just read it."""
         ctx = self.ctx
-        elapsed = time.perf_counter() - req.started if req.started else 0.0
+        elapsed = (now or time.perf_counter()) - req.started if req.started else 0.0
         ctx.observe(req.route, status, elapsed)
         if ctx.access is not None:
             ctx.access.add(
@@ -748,9 +757,8 @@ class ClientConnection(asyncio.Protocol):
             return self._forwarding
         settings = self.ctx.settings
         trusted = settings.server.trusted_proxies
-        lines = b"".join(
-            b"%s: %s\r\n" % h
-            for h in forwarding_headers(
+        lines = header_lines(
+            forwarding_headers(
                 req.headers, self.peer, self.sni.encode(), trusted, settings.policy.anonymize_ip
             )
         )
@@ -785,7 +793,7 @@ _HOST_RE = re.compile(rb"^(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?$
 
 def head_bytes(status: int, reason: bytes, headers: list[Header], close: bool) -> bytes:
     parts = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
-    parts.extend(b"%s: %s\r\n" % h for h in headers)
+    parts.append(header_lines(headers))
     if close:
         parts.append(b"Connection: close\r\n")
     parts.append(b"\r\n")
@@ -820,12 +828,13 @@ def _read_head(req: Request, max_body: int) -> None:
     """
     forward = req.forward
     tokens: list[bytes] = []
-    for name, value in req.headers:
+    for header in req.headers:
+        name, value = header
         kind = _REQUEST_KIND.get(name.lower())
         if kind is None:
-            forward.append((name, value))
+            forward.append(header)
         elif kind >= _H_ORIGIN:
-            forward.append((name, value))
+            forward.append(header)
             if kind == _H_ORIGIN:
                 req.origin = value.strip()
             elif kind == _H_ACRM:
@@ -996,7 +1005,7 @@ class Exchange:
             b"%s %s%s HTTP/1.1\r\nHost: %s\r\n"
             % (req.method, pool.base_path, req.target, req.host or client.sni.encode())
         ]
-        parts += [b"%s: %s\r\n" % h for h in req.forward]
+        parts.append(header_lines(req.forward))
         if req.content_length is not None and not req.chunked:
             parts.append(b"Content-Length: %d\r\n" % req.content_length)
         if req.fp is not None:
@@ -1180,7 +1189,8 @@ class Exchange:
             self.timer_armed = False
             self.client._on_deadline = None
         ctx = self.client.ctx
-        ctx.observe_upstream(self.target.prefix, time.perf_counter() - self.upstream_started)
+        now = time.perf_counter()
+        ctx.observe_upstream(self.target.prefix, now - self.upstream_started)
         upstream = self.pool.url if self.pool is not None else None
         self._release(abort=abort or not self.req.complete)
         if abort and self.client.transport is not None:
@@ -1191,6 +1201,7 @@ class Exchange:
             keep_alive=keep_alive and not abort,
             upstream=upstream,
             bytes_out=self.bytes_out,
+            now=now,
         )
 
 
@@ -1256,7 +1267,7 @@ def _upstream_head(
     if req.upgrade and status != 101:
         close = True  # the client's parser is past an upgrade request
     parts = [b"HTTP/1.1 %d %s\r\n" % (status, reason or _phrase(status))]
-    parts += [b"%s: %s\r\n" % h for h in out]
+    parts.append(header_lines(out))
     head = b"".join(parts)
     return head, chunked, close, cacheable and len(head) <= _HEAD_CACHE_ENTRY
 
