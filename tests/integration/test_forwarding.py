@@ -241,6 +241,41 @@ async def test_chunked_and_close_delimited_responses_are_relayed(edge, client_ct
     assert (r2.status, r2.body) == (200, b"until-eof")
 
 
+async def _raw_exchange(edge, client_ctx, raw: bytes) -> bytes:
+    """Send raw bytes on a fresh connection; everything the edge sends until it closes."""
+    conn = await Conn.open(edge.port, HOST, client_ctx)
+    conn.send(raw)
+    try:
+        return await conn.read_eof(timeout=5)
+    finally:
+        await conn.close()
+
+
+async def test_one_upstream_head_framed_for_each_request_shape(edge, client_ctx):
+    """The same upstream head (a chunked body) is re-framed per request, whatever the edge
+    made for the one before: response heads are cached by head and request shape."""
+    chunked = build("GET", "/track/chunked", HOST)
+    http10 = chunked.replace(b"HTTP/1.1", b"HTTP/1.0", 1)
+    head = build("HEAD", "/track/chunked", HOST)
+    closing = build("GET", "/track/chunked", HOST, [("Connection", "close")])
+    body = b"5\r\nhello\r\n1\r\n \r\n5\r\nworld\r\n0\r\n\r\n"  # the chunks, relayed as read
+    for _ in range(2):  # the second round is served from the cache
+        raw = await _raw_exchange(edge, client_ctx, chunked + head + closing)
+        first, rest = raw.split(b"\r\n\r\n", 1)
+        assert first.startswith(b"HTTP/1.1 200") and b"Transfer-Encoding: chunked" in first
+        assert b"Connection: close" not in first and rest.startswith(body)
+        second, rest = rest[len(body) :].split(b"\r\n\r\n", 1)
+        assert second.startswith(b"HTTP/1.1 200") and b"Connection: close" not in second
+        assert b"Transfer-Encoding" not in second  # HEAD: no body, no re-framing
+        third, rest = rest.split(b"\r\n\r\n", 1)
+        assert b"Transfer-Encoding: chunked" in third and third.endswith(b"Connection: close")
+        assert rest == body
+        raw = await _raw_exchange(edge, client_ctx, http10)
+        head10, body10 = raw.split(b"\r\n\r\n", 1)
+        assert b"Transfer-Encoding" not in head10 and b"Connection: close" in head10
+        assert body10 == b"hello world"  # close-delimited for HTTP/1.0
+
+
 async def test_upstream_status_and_reason_pass_through(edge, client_ctx):
     resp = await request(edge.port, HOST, client_ctx, "GET", "/track/status?code=418")
     assert (resp.status, resp.reason) == (418, b"Custom Reason")
@@ -315,6 +350,28 @@ async def test_slow_headers_get_408(edge, client_ctx):
     await conn.close()
     assert resp.status == 408
     assert 1.5 < time.monotonic() - start < 4
+
+
+async def test_trickled_headers_dont_extend_header_timeout(edge, client_ctx):
+    """More bytes of the same head don't restart its timer: cut at header_timeout (2 s)
+    from the head's first read, not from its last."""
+    conn = await Conn.open(edge.port, HOST, client_ctx)
+    conn.send(b"GET /track HTTP/1.1\r\n")
+    start = time.monotonic()
+
+    async def trickle() -> None:
+        for i in range(20):
+            await asyncio.sleep(0.25)
+            conn.send(b"X-Trickle-%d: x\r\n" % i)
+
+    feeder = asyncio.create_task(trickle())
+    try:
+        [resp] = await conn.read_responses(timeout=6)
+    finally:
+        feeder.cancel()
+        await conn.close()
+    assert resp.status == 408
+    assert 1.5 < time.monotonic() - start < 3.5
 
 
 async def test_dead_upstream_gives_502_fast(edge, client_ctx):
