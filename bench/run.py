@@ -10,6 +10,7 @@ the edgeproxy/nginx ratio; medians over the rounds):
 4. p99 latency the proxy adds at half its saturation rate: an open-loop, rate-limited
    keep-alive client (latency from each request's *scheduled* send time, so queueing behind
    a slow response counts, as in wrk2), through the proxy minus straight to the upstream;
+   the proxy's worker pinned to CPU 0, clients and upstream to CPU 1;
 5. keep-alive efficiency of edgeproxy with `workers = 2` against `workers = 1`;
 6. TLS session resumption across workers (`workers = 2`): a ticket from one connection is
    offered on new connections; each connection's worker is found from /proc (socket inode
@@ -616,6 +617,35 @@ def rate_run(
     return r
 
 
+@contextlib.contextmanager
+def pinned(proxies: list[dict[str, Any]], others: list[dict[str, Any]]) -> Iterator[bool]:
+    """Proxy workers on CPU 0; this script, its load processes and the upstream on CPU 1.
+
+    Scenario 4 measures latency the proxy adds, not CPU contention: unpinned, the open-loop
+    clients (Python, ~1 core at 10k req/s) and the upstream take turns with the proxy's
+    worker on 2 cores, and scheduling waits of milliseconds land in the proxy's p99
+    (one unpinned run showed 110 ms at half of edgeproxy's saturation). Both proxies
+    get the same split. Yields False (and pins nothing) on a 1-CPU machine.
+    """
+    cpus = os.sched_getaffinity(0)
+    if len(cpus) < 2 or not {0, 1} <= cpus:
+        yield False
+        return
+    proxy = [pid for s in proxies for pid in s["workers"]]
+    rest = [pid for s in others for pid in (*s["workers"], *s.get("other", []))]
+    rest.append(os.getpid())  # the clients are forked from here: they inherit CPU 1
+    for pid in proxy:
+        os.sched_setaffinity(pid, {0})
+    for pid in rest:
+        os.sched_setaffinity(pid, {1})
+    try:
+        yield True
+    finally:
+        for pid in (*proxy, *rest):
+            with suppress(OSError):
+                os.sched_setaffinity(pid, cpus)
+
+
 def owners(port: int, pids: list[int]) -> dict[int, int]:
     """client port -> pid of the server process holding the accepted socket (via inodes)."""
     inode_port: dict[str, int] = {}
@@ -811,6 +841,12 @@ def render(res: dict[str, Any]) -> str:
                 f"| {fmt(med(s['edgeproxy'], key), 3)} | {fmt(med(s['nginx'], key), 3)} | "
                 f"{fmt(ratio(med(s['edgeproxy'], key), med(s['nginx'], key)), 2)} |"
             )
+        lines.append(
+            f"| 4 (same rate) | proxy worker CPU (cores) | "
+            f"{fmt(med(s['edgeproxy'], 'worker_util'), 2)} | "
+            f"{fmt(med(s['nginx'], 'worker_util'), 2)} | "
+            f"{fmt(ratio(med(s['edgeproxy'], 'worker_util'), med(s['nginx'], 'worker_util')), 2)} |"
+        )
         if s.get("nginx_own"):
             n_own = med(s["nginx_own"], "p99_ms") - med(s["direct_at_nginx_rate"], "p99_ms")
             lines.append(
@@ -1010,20 +1046,24 @@ def bench(args: argparse.Namespace, work: Path, script: Path) -> dict[str, Any]:
             "direct_at_nginx_rate": [],
             "nginx_own": [],
         }
-        for i in range(args.rounds):
-            lat["direct_at_edge_rate"].append(rate_run(None, UPSTREAM_PORT, False, e_rate, args))
-            lat["edgeproxy"].append(rate_run(e1, EDGE1_PORT, True, e_rate, args))
-            lat["nginx"].append(rate_run(n1, NGINX1_PORT, True, e_rate, args))
-            if not args.smoke:
-                lat["direct_at_nginx_rate"].append(
-                    rate_run(None, UPSTREAM_PORT, False, n_rate, args)
+        with pinned([e1, n1], [s["upstream"]]) as lat["pinned"]:
+            for i in range(args.rounds):
+                lat["direct_at_edge_rate"].append(
+                    rate_run(None, UPSTREAM_PORT, False, e_rate, args)
                 )
-                lat["nginx_own"].append(rate_run(n1, NGINX1_PORT, True, n_rate, args))
-            log(
-                f"  round {i + 1}: p99 direct {lat['direct_at_edge_rate'][-1]['p99_ms']:.3f} "
-                f"edge {lat['edgeproxy'][-1]['p99_ms']:.3f} nginx {lat['nginx'][-1]['p99_ms']:.3f}"
-                f" ms at {e_rate:.0f}/s"
-            )
+                lat["edgeproxy"].append(rate_run(e1, EDGE1_PORT, True, e_rate, args))
+                lat["nginx"].append(rate_run(n1, NGINX1_PORT, True, e_rate, args))
+                if not args.smoke:
+                    lat["direct_at_nginx_rate"].append(
+                        rate_run(None, UPSTREAM_PORT, False, n_rate, args)
+                    )
+                    lat["nginx_own"].append(rate_run(n1, NGINX1_PORT, True, n_rate, args))
+                log(
+                    f"  round {i + 1}: p99 direct "
+                    f"{lat['direct_at_edge_rate'][-1]['p99_ms']:.3f} "
+                    f"edge {lat['edgeproxy'][-1]['p99_ms']:.3f} "
+                    f"nginx {lat['nginx'][-1]['p99_ms']:.3f} ms at {e_rate:.0f}/s"
+                )
         sc["latency_at_half"] = lat
 
         log("5. 2 workers vs 1 worker (keep-alive; nginx alongside for reference)")
@@ -1093,8 +1133,11 @@ def bench(args: argparse.Namespace, work: Path, script: Path) -> dict[str, Any]:
         "process; latency = response complete - due time, so a request that waits for a "
         "connection counts its wait (as wrk2's coordinated-omission correction). 'direct' is "
         "the same client in plain HTTP to the upstream at the same rate; added = proxy - "
-        "direct. The client is Python and shares the CPUs, so absolute values include its "
-        "own scheduling noise (same for every target).",
+        "direct. Pinned: the proxy's worker alone on CPU 0, the clients (Python) and the "
+        "upstream on CPU 1, for both proxies (unpinned, the clients' CPU time became the "
+        "proxy's queueing). 'proxy worker CPU' is the worker's utilization at that rate: "
+        "open-loop requests arrive a few at a time, so a request costs more than in wrk's "
+        "saturated batches and half of wrk's rate is more than half of a core.",
         "5: the same wrk command against an edge with `workers = 2` (SO_REUSEPORT); on this "
         f"{res['machine']['nproc']}-CPU machine wrk, the upstream and 2 workers share the cores.",
         f"6: {args.xw_trials} trials: one full handshake + request yields a ticket; "
