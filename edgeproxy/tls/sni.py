@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import Callable
+from typing import Any
 
 from edgeproxy.logging import tls_log
 
@@ -40,8 +41,27 @@ def apply_tls_policy(ctx: ssl.SSLContext) -> ssl.SSLContext:
     return ctx
 
 
+class DirectSSLObject(ssl.SSLObject):
+    """An SSLObject whose read, write, pending and do_handshake are the C object's own.
+
+    uvloop calls these for every TLS record; ssl.py's methods only pass the same arguments
+    on to `self._sslobj`, a Python frame each (~4 per keep-alive beacon). Everything else
+    (the SNI callback's view, get_extra_info("ssl_object"), properties) is SSLObject's.
+    """
+
+    @classmethod
+    def _create(cls, *args: Any, **kwargs: Any) -> Any:  # (private in ssl.py: untyped)
+        self = super()._create(*args, **kwargs)  # type: ignore[misc]
+        c = self._sslobj
+        self.read, self.write = c.read, c.write
+        self.pending, self.do_handshake = c.pending, c.do_handshake
+        return self
+
+
 def new_server_context() -> ssl.SSLContext:
-    return apply_tls_policy(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
+    ctx = apply_tls_policy(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
+    ctx.sslobject_class = DirectSSLObject
+    return ctx
 
 
 class HandshakeTally:
