@@ -10,6 +10,8 @@ import json
 import logging
 import os
 import sys
+import time
+from json.encoder import encode_basestring_ascii as _json_str  # (C) a quoted JSON string
 from typing import Any
 
 tls_log = logging.getLogger("edgeproxy.tls")
@@ -60,6 +62,11 @@ class AccessLog:
     """
 
     LIMIT = 512
+    # The keys and order of a request's line (see `request`).
+    LINE = (
+        '{"ts":%.6f,"pid":%d,"client":%s,"sni":%s,"method":%s,"path":%s,"route":%s,'
+        '"status":%d,"bytes_in":%d,"bytes_out":%d,"duration_ms":%.3f,"upstream":%s}'
+    )
 
     def __init__(self, fd: int = 1) -> None:
         self.fd = fd
@@ -68,6 +75,42 @@ class AccessLog:
 
     def add(self, doc: dict[str, Any]) -> None:
         self._lines.append(json.dumps(doc, separators=(",", ":")))
+        if len(self._lines) >= self.LIMIT:
+            self.flush()
+
+    def request(
+        self,
+        pid: int,
+        client: str,
+        sni: str,
+        method: str,
+        path: str,
+        route: str,
+        status: int,
+        bytes_in: int,
+        bytes_out: int,
+        seconds: float,
+        upstream: str | None,
+    ) -> None:
+        """One request's line: formatted from a template, its strings escaped by json's C
+        escaper (json.dumps of a dict cost ~6 us per beacon, this ~1)."""
+        self._lines.append(
+            self.LINE
+            % (
+                time.time(),
+                pid,
+                _json_str(client),
+                _json_str(sni),
+                _json_str(method),
+                _json_str(path),
+                _json_str(route),
+                status,
+                bytes_in,
+                bytes_out,
+                seconds * 1000,
+                "null" if upstream is None else _json_str(upstream),
+            )
+        )
         if len(self._lines) >= self.LIMIT:
             self.flush()
 

@@ -270,6 +270,7 @@ class ClientConnection(asyncio.Protocol):
         self._cork_conn: UpstreamConnection | None = None
         self.policy: Policy | None = None
         self._forwarding: bytes | None = None
+        self._client_addr = ""  # the access log's client, once known for the connection
         self._good_host = b""
         self._timed: Request | None = None  # the request whose head the timer bounds
         server = ctx.settings.server
@@ -704,22 +705,19 @@ class ClientConnection(asyncio.Protocol):
         elapsed = (now or time.perf_counter()) - req.started if req.started else 0.0
         ctx.observe(req.route, status, elapsed)
         if ctx.access is not None:
-            ctx.access.add(
-                {
-                    "ts": round(time.time(), 6),
-                    "pid": ctx.pid,
-                    "client": self._client(req),
-                    "sni": self.sni,
-                    "method": req.method.decode("latin-1"),
-                    # The query string carries beacon payloads: never logged.
-                    "path": (req.path or req.target.split(b"?", 1)[0])[:256].decode("latin-1"),
-                    "route": req.route,
-                    "status": status,
-                    "bytes_in": req.body_size,
-                    "bytes_out": bytes_out,
-                    "duration_ms": round(elapsed * 1000, 3),
-                    "upstream": upstream,
-                },
+            ctx.access.request(
+                ctx.pid,
+                self._client_addr or self._client(req),
+                self.sni,
+                req.method.decode("latin-1"),
+                # The query string carries beacon payloads: never logged.
+                (req.path or req.target.split(b"?", 1)[0])[:256].decode("latin-1"),
+                req.route,
+                status,
+                req.body_size,
+                bytes_out,
+                elapsed,
+                upstream,
             )
         if self.queue and self.queue[0] is req:
             self.queue.popleft()
@@ -767,10 +765,15 @@ class ClientConnection(asyncio.Protocol):
         return lines
 
     def _client(self, req: Request) -> str:
-        """The visitor's address for the access log (anonymized when the policy says so)."""
+        """The visitor's address for the access log (anonymized when the policy says so).
+        An untrusted peer is the visitor for every request: made once per connection."""
         settings = self.ctx.settings
-        client = client_address(req.headers, self.peer, settings.server.trusted_proxies)
-        return anonymize(client) if settings.policy.anonymize_ip else client
+        trusted = settings.server.trusted_proxies
+        client = client_address(req.headers, self.peer, trusted)
+        client = anonymize(client) if settings.policy.anonymize_ip else client
+        if not is_trusted(self.peer, trusted):
+            self._client_addr = client
+        return client
 
     def drain(self) -> None:
         """Shutting down: close now if idle, else after the response in flight."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 from edgeproxy.logging import AccessLog
 
@@ -49,4 +50,49 @@ def test_a_closed_stdout_loses_lines_not_the_worker():
     log.flush()  # EPIPE: dropped, reported once, no exception
     log.add({"status": 200})
     log.flush()
+    os.close(w)
+
+
+def test_a_request_line_is_json_with_every_field_escaped():
+    """Request lines are formatted from a template, not json.dumps: still one JSON object
+    with the documented keys in order, and hostile strings (quotes, backslashes, control
+    characters, latin-1 bytes from a raw path) come back exactly as they went in."""
+    r, w = os.pipe()
+    log = AccessLog(w)
+    path = '/track/"x"\\y\n\x00\x1f\xe9' + "z" * 10
+    log.request(
+        41,
+        "203.0.113.7",
+        "t.alpha.test",
+        "POST",
+        path,
+        "/track",
+        204,
+        306,
+        0,
+        0.0123456,
+        "http://127.0.0.1:8081",
+    )
+    log.request(41, "unknown", "", "GET", "/nope", "-", 404, 0, 0, 0.0, None)
+    log.flush()
+    first, second = _read(r)
+    assert list(first) == [
+        "ts",
+        "pid",
+        "client",
+        "sni",
+        "method",
+        "path",
+        "route",
+        "status",
+        "bytes_in",
+        "bytes_out",
+        "duration_ms",
+        "upstream",
+    ]
+    assert first["path"] == path and first["client"] == "203.0.113.7"
+    assert (first["status"], first["bytes_in"], first["duration_ms"]) == (204, 306, 12.346)
+    assert abs(first["ts"] - time.time()) < 5
+    assert second["upstream"] is None and second["sni"] == "" and second["status"] == 404
+    os.close(r)
     os.close(w)
