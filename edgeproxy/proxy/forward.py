@@ -1211,7 +1211,7 @@ class Exchange:
 _RESPONSE_DROP_FIRST_PARTY = HOP_BY_HOP | firstparty.REPLACED
 _HEAD_CACHE: dict[tuple[Any, ...], tuple[bytes, bool, bool, bool]] = {}
 _HEAD_CACHE_SIZE = 512
-_HEAD_CACHE_ENTRY = 2048  # bytes: an upstream's odd huge head is made each time
+_HEAD_CACHE_ENTRY = 4096  # bytes of head and key: an upstream's odd huge head is made each time
 
 
 def _upstream_head(
@@ -1272,7 +1272,9 @@ def _upstream_head(
     parts = [b"HTTP/1.1 %d %s\r\n" % (status, reason or _phrase(status))]
     parts.append(header_lines(out))
     head = b"".join(parts)
-    return head, chunked, close, cacheable and len(head) <= _HEAD_CACHE_ENTRY
+    # The key holds the upstream's headers, dropped ones too: both are bounded.
+    size = len(head) + sum(len(n) + len(v) for n, v in headers)
+    return head, chunked, close, cacheable and size <= _HEAD_CACHE_ENTRY
 
 
 def _chunk(data: bytes) -> bytes:

@@ -7,7 +7,7 @@ import ipaddress
 import pytest
 
 from edgeproxy.config import ProxySettings, Route
-from edgeproxy.proxy.forward import Request, _read_head
+from edgeproxy.proxy.forward import Request, _read_head, _upstream_head
 from edgeproxy.proxy.headers import forwarding_headers
 from edgeproxy.proxy.routes import RouteTable, is_safe_path
 from edgeproxy.proxy.upstream import UpstreamPool
@@ -137,3 +137,17 @@ def test_forwarding_headers_trusted_peer_extends_chain():
 def test_forwarded_quotes_ipv6():
     out = dict(forwarding_headers([], "2001:db8::1", b"t.example.com", []))
     assert out[b"Forwarded"] == b'for="[2001:db8::1]";proto=https;host=t.example.com'
+
+
+def test_response_heads_are_cached_only_while_small_key_included():
+    """A response head is cached with the upstream's headers as its key: a big header the
+    edge drops (here hop-by-hop Keep-Alive) must not be kept 512 times."""
+    req = Request()
+    req.method = b"POST"
+    small = [(b"Server", b"up"), (b"Cache-Control", b"max-age=60")]
+    big = [(b"Server", b"up"), (b"Keep-Alive", b"timeout=5, x=" + b"x" * 8000)]
+    head, chunked, close, cacheable = _upstream_head(204, b"No Content", small, req, None, False)
+    assert head == b"HTTP/1.1 204 No Content\r\nServer: up\r\nCache-Control: max-age=60\r\n"
+    assert (chunked, close, cacheable) == (False, False, True)
+    head, _, _, cacheable = _upstream_head(204, b"No Content", big, req, None, False)
+    assert head == b"HTTP/1.1 204 No Content\r\nServer: up\r\n" and cacheable is False
