@@ -53,7 +53,7 @@ from edgeproxy.proxy.headers import (
 )
 from edgeproxy.proxy.policy import Policy, PolicyBook
 from edgeproxy.proxy.routes import RouteTable, RouteTarget, is_safe_path
-from edgeproxy.proxy.upstream import UpstreamConnection, UpstreamPool
+from edgeproxy.proxy.upstream import UpstreamConnection, UpstreamHeadTooLarge, UpstreamPool
 from edgeproxy.tls.sni import SNI_ATTR, HandshakeTally
 
 REPLAY_LIMIT = 65536
@@ -1103,6 +1103,11 @@ class Exchange:
             self._done(101, keep_alive=False)  # a tunnel ends when either side closes
             return
         req = self.req
+        if isinstance(exc, UpstreamHeadTooLarge):  # not a stale connection: no retry
+            self.client.ctx.upstream_error(self.target.prefix, "broken")
+            proxy_log.warning("%s", exc, extra={"route": self.target.prefix})
+            self.fail(502, "the upstream's response head is too large")
+            return
         if (
             not self.head_sent
             and self.reused

@@ -45,6 +45,15 @@ class _Desync(Exception):
     pass
 
 
+MAX_HEAD_BYTES = 65536
+"""An upstream response head longer than this is refused (502): llhttp sets no limit, and
+a head is held in memory whole (nginx's equivalent, proxy_buffer_size, is 4-8 KiB)."""
+
+
+class UpstreamHeadTooLarge(Exception):
+    """The upstream's response head passed MAX_HEAD_BYTES: a broken upstream, not stale."""
+
+
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
         "pool",
@@ -60,6 +69,7 @@ class UpstreamConnection(asyncio.Protocol):
         "_skip",
         "_reusable",
         "_head_only",
+        "_head_bytes",
     )
 
     def __init__(self, pool: UpstreamPool) -> None:
@@ -76,6 +86,9 @@ class UpstreamConnection(asyncio.Protocol):
         self._skip = False
         self._reusable = False
         self._head_only = False
+        self._head_bytes = -1
+        """Bytes read since the exchange began while its response head is incomplete;
+        -1 once the head is complete."""
 
     # --- driving one exchange --------------------------------------------------------------
 
@@ -84,6 +97,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.sink = sink
         self._reusable = False
         self._head_only = head_only
+        self._head_bytes = 0
 
     def write(self, data: bytes) -> None:
         if self.transport is not None and not self.closed:
@@ -113,6 +127,19 @@ class UpstreamConnection(asyncio.Protocol):
             return
         try:
             self.parser.feed_data(data)
+            if self._head_bytes >= 0:  # the head is still incomplete after this read
+                self._head_bytes += len(data)
+                if self._head_bytes > MAX_HEAD_BYTES:
+                    sink = self.sink
+                    self.abort()
+                    if sink is not None:
+                        sink.on_upstream_lost(
+                            UpstreamHeadTooLarge(
+                                f"upstream {self.pool.url} sent a response head over "
+                                f"{MAX_HEAD_BYTES} bytes"
+                            )
+                        )
+                    return
             if self.sink is not None:  # (None once the response is complete)
                 self.sink.flush()
         except httptools.HttpParserUpgrade as exc:
@@ -172,6 +199,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._skip = 100 <= status < 200 and status != 101
         if self._skip or self.sink is None:
             return
+        self._head_bytes = -1
         self._status = status
         self.sink.on_upstream_head(status, self._reason, self._headers)
         if self._head_only and self.sink is not None:
