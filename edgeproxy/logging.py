@@ -73,11 +73,6 @@ class AccessLog:
         self._lines: list[str] = []
         self._failed = False
 
-    def add(self, doc: dict[str, Any]) -> None:
-        self._lines.append(json.dumps(doc, separators=(",", ":")))
-        if len(self._lines) >= self.LIMIT:
-            self.flush()
-
     def request(
         self,
         pid: int,

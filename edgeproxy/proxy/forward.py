@@ -516,7 +516,7 @@ class ClientConnection(asyncio.Protocol):
         _read_head(req, self._max_body_bytes)
         self.queue.append(req)
         if len(self.queue) == 1:
-            self._on_deadline = None  # (_disarm)
+            self._on_deadline = None  # (_disarm, inlined: once per beacon)
             self._start(req)
 
     def on_body(self, body: bytes) -> None:
@@ -732,7 +732,7 @@ class ClientConnection(asyncio.Protocol):
             # by the edge would otherwise recurse once per request.
             self.loop.call_soon(self._start_next)
             return
-        if self._paused:
+        if self._paused:  # (the call only when there is something to resume)
             self._resume(_PAUSE_PIPELINE)
         if self.current is not None:  # a pipelined request still arriving: bound its head
             self._arm_header_timeout()
@@ -794,13 +794,15 @@ class ClientConnection(asyncio.Protocol):
 _HOST_RE = re.compile(rb"^(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?$")
 
 
+_HEAD_END = {False: b"\r\n", True: b"Connection: close\r\n\r\n"}  # by close-after
+
+
 def head_bytes(status: int, reason: bytes, headers: list[Header], close: bool) -> bytes:
-    parts = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
-    parts.append(header_lines(headers))
-    if close:
-        parts.append(b"Connection: close\r\n")
-    parts.append(b"\r\n")
-    return b"".join(parts)
+    return _status_and_headers(status, reason, headers) + _HEAD_END[close]
+
+
+def _status_and_headers(status: int, reason: bytes, headers: list[Header]) -> bytes:
+    return b"HTTP/1.1 %d %s\r\n%s" % (status, reason, header_lines(headers))
 
 
 # What the single pass over a request head does with a header besides forwarding it as is.
@@ -1051,7 +1053,7 @@ class Exchange:
         self.close_after = close
         if fp is not None:
             head += firstparty.response_lines(fp)
-        head += b"Connection: close\r\n\r\n" if close else b"\r\n"
+        head += _HEAD_END[close]
         if status == 101:
             client.write(head)
         else:
@@ -1076,7 +1078,7 @@ class Exchange:
             return
         tail = b"0\r\n\r\n" if self.chunked_out else b""
         if self.pending or tail:
-            transport = self.client.transport
+            transport = self.client.transport  # (ClientConnection.write, inlined)
             if transport is not None and not transport.is_closing():
                 transport.write(self.pending + tail)
             self.pending = b""
@@ -1184,7 +1186,7 @@ class Exchange:
             client._write_waiter = None
             if conn.transport is not None and not conn.closed:
                 conn.transport.resume_reading()
-        if client._paused:
+        if client._paused:  # (the call only when there is something to resume)
             client._resume(_PAUSE_UPSTREAM)
         if abort:
             conn.abort()
@@ -1193,7 +1195,7 @@ class Exchange:
 
     def _done(self, status: int, *, keep_alive: bool, abort: bool = False) -> None:
         self.finished = True
-        if self.timer_armed:  # (_cancel_timer)
+        if self.timer_armed:  # (_cancel_timer, inlined: once per beacon)
             self.timer_armed = False
             self.client._on_deadline = None
         ctx = self.client.ctx
@@ -1238,7 +1240,8 @@ def _upstream_head(
     out: list[Header] = []
     tokens: list[bytes] = []
     upgrade = b""
-    framed = status in (204, 304) or req.method == b"HEAD"
+    bodiless = status in (204, 304) or req.method == b"HEAD"
+    has_length = False
     cacheable = True
     for name, value in headers:
         low = name.lower()
@@ -1252,20 +1255,19 @@ def _upstream_head(
             value = cookies.rewrite_domain(value, fp.policy)
             cacheable = False
         elif low == b"content-length":
-            framed = True
+            has_length = True
         out.append((name, value))
     if tokens:
         named = set(tokens) - HOP_BY_HOP - {b""}
         if named:  # a header named in Connection is hop-by-hop too (RFC 9110 7.6.1)
             out = [(n, v) for n, v in out if n.lower() not in named]
-            framed = status in (204, 304) or req.method == b"HEAD"
-            framed = framed or any(n.lower() == b"content-length" for n, _ in out)
+            has_length = any(n.lower() == b"content-length" for n, _ in out)
     close = closing
     chunked = False
     if status == 101:
         out += [(b"Connection", b"Upgrade"), (b"Upgrade", upgrade or b"websocket")]
         close = False
-    elif not framed:
+    elif not (bodiless or has_length):
         # Chunked or close-delimited upstream body: re-frame for this client.
         if req.version == "1.1":
             chunked = True
@@ -1274,9 +1276,7 @@ def _upstream_head(
             close = True
     if req.upgrade and status != 101:
         close = True  # the client's parser is past an upgrade request
-    parts = [b"HTTP/1.1 %d %s\r\n" % (status, reason or _phrase(status))]
-    parts.append(header_lines(out))
-    head = b"".join(parts)
+    head = _status_and_headers(status, reason or _phrase(status), out)
     # The key holds the upstream's headers, dropped ones too: both are bounded.
     size = len(head) + sum(len(n) + len(v) for n, v in headers)
     return head, chunked, close, cacheable and size <= _HEAD_CACHE_ENTRY

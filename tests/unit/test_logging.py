@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import time
@@ -18,11 +19,17 @@ def _read(fd: int) -> list[dict]:
     return [json.loads(line) for line in data.decode().splitlines()]
 
 
+def _line(log: AccessLog, status: int = 204, path: str = "/track", bytes_in: int = 0) -> None:
+    log.request(
+        1, "192.0.2.1", "t.alpha.test", "POST", path, path, status, bytes_in, 0, 0.001, None
+    )
+
+
 def test_lines_wait_for_a_flush_then_go_in_one_write():
     r, w = os.pipe()
     log = AccessLog(w)
-    log.add({"status": 200, "path": "/track"})
-    log.add({"status": 204, "path": "/collection"})
+    _line(log, 200, "/track")
+    _line(log, 204, "/collection")
     assert _read(r) == []  # nothing written per request
     log.flush()
     assert [d["status"] for d in _read(r)] == [200, 204]
@@ -35,9 +42,10 @@ def test_lines_wait_for_a_flush_then_go_in_one_write():
 def test_a_full_batch_is_written_without_waiting():
     r, w = os.pipe()
     log = AccessLog(w)
+    fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 1 << 20)  # a batch (~100 KB) passes the default 64 KiB
     for i in range(AccessLog.LIMIT):
-        log.add({"n": i})
-    assert [d["n"] for d in _read(r)] == list(range(AccessLog.LIMIT))
+        _line(log, bytes_in=i)
+    assert [d["bytes_in"] for d in _read(r)] == list(range(AccessLog.LIMIT))
     os.close(r)
     os.close(w)
 
@@ -46,9 +54,9 @@ def test_a_closed_stdout_loses_lines_not_the_worker():
     r, w = os.pipe()
     os.close(r)
     log = AccessLog(w)
-    log.add({"status": 200})
+    _line(log)
     log.flush()  # EPIPE: dropped, reported once, no exception
-    log.add({"status": 200})
+    _line(log)
     log.flush()
     os.close(w)
 
