@@ -125,35 +125,29 @@ class UpstreamConnection(asyncio.Protocol):
             # Bytes on an idle connection break HTTP framing: never reuse it.
             self.abort()
             return
+        if self._head_bytes >= 0:  # reading a response head: count (an upper bound of) it
+            self._head_bytes += len(data)
         try:
             self.parser.feed_data(data)
-            if self._head_bytes >= 0:  # the head is still incomplete after this read
-                self._head_bytes += len(data)
-                if self._head_bytes > MAX_HEAD_BYTES:
-                    sink = self.sink
-                    self.abort()
-                    if sink is not None:
-                        sink.on_upstream_lost(
-                            UpstreamHeadTooLarge(
-                                f"upstream {self.pool.url} sent a response head over "
-                                f"{MAX_HEAD_BYTES} bytes"
-                            )
-                        )
-                    return
+            if self._head_bytes > MAX_HEAD_BYTES:  # still no end of the head
+                raise self._head_too_large()
             if self.sink is not None:  # (None once the response is complete)
                 self.sink.flush()
         except httptools.HttpParserUpgrade as exc:
             self.tunnel = True
             if self.sink is not None:
                 self.sink.on_upstream_upgraded(data[exc.args[0] :])
-        except httptools.HttpParserError as exc:
+        except (httptools.HttpParserError, UpstreamHeadTooLarge) as exc:
             sink = self.sink
             self.abort()
             cause = exc.__context__
-            if cause is not None and not isinstance(cause, httptools.HttpParserError | _Desync):
+            error: BaseException = exc
+            if isinstance(cause, UpstreamHeadTooLarge):  # raised in on_headers_complete
+                error = cause
+            elif cause is not None and not isinstance(cause, httptools.HttpParserError | _Desync):
                 proxy_log.error("error while relaying an upstream response", exc_info=cause)
             if sink is not None:
-                sink.on_upstream_lost(exc)
+                sink.on_upstream_lost(error)
 
     def eof_received(self) -> bool | None:
         return False  # close our side too: half-open upstreams are not reused
@@ -199,6 +193,10 @@ class UpstreamConnection(asyncio.Protocol):
         self._skip = 100 <= status < 200 and status != 101
         if self._skip or self.sink is None:
             return
+        if self._head_bytes > MAX_HEAD_BYTES:  # the count includes the read's body bytes
+            size = len(self._reason) + sum(len(n) + len(v) + 4 for n, v in self._headers)
+            if size > MAX_HEAD_BYTES:
+                raise self._head_too_large()
         self._head_bytes = -1
         self._status = status
         self.sink.on_upstream_head(status, self._reason, self._headers)
@@ -209,6 +207,11 @@ class UpstreamConnection(asyncio.Protocol):
             self._status = 0
             sink.on_upstream_complete()
             self.abort()
+
+    def _head_too_large(self) -> UpstreamHeadTooLarge:
+        return UpstreamHeadTooLarge(
+            f"upstream {self.pool.url} sent a response head over {MAX_HEAD_BYTES} bytes"
+        )
 
     def _framed(self) -> bool:
         """Whether the response in progress says where its body ends (else EOF ends it)."""

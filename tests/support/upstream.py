@@ -102,8 +102,9 @@ class RawUpstream:
     /x/slow?ms=N  wait N ms; /x/hop  hop-by-hop response headers; /x/cookies  two Set-Cookie;
     /x/chunked  chunked body; /x/close  close-delimited body; /x/status?code=N;
     /x/dropfirst?id=K  the first request with K is read, then its connection closed unanswered
-    (what a pooled connection the upstream had closed looks like); /x/bighead  a 160 KiB
-    response head; /x/bigbody  a 1 MiB body written with its head; else 200 "ok".
+    (what a pooled connection the upstream had closed looks like); /x/bighead[?whole=1]  a
+    160 KiB response head, in 4 KiB writes (or one); /x/bigbody  a 1 MiB body written with
+    its head; else 200 "ok".
     """
 
     def __init__(self, lt: LoopThread) -> None:
@@ -147,12 +148,15 @@ class RawUpstream:
             self.dropped.add(query.get("id", [""])[0])
             t.close()
             return
-        if last == "bighead":  # a response head over the edge's limit, in many writes
-            t.write(b"HTTP/1.1 200 OK\r\nX-Big: ")
-            for _ in range(40):
-                t.write(b"a" * 4096)
-                await asyncio.sleep(0)
-            t.write(b"\r\nContent-Length: 2\r\n\r\nok")
+        if last == "bighead":  # a response head over the edge's limit: many writes or one
+            head = b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 163840 + b"\r\nContent-Length: 2\r\n\r\n"
+            if query.get("whole"):
+                t.write(head + b"ok")
+                return
+            for i in range(0, len(head), 4096):
+                t.write(head[i : i + 4096])
+                await asyncio.sleep(0.001)
+            t.write(b"ok")
             return
         if last == "bigbody":  # head and a 1 MiB body, in one write
             t.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1048576\r\n\r\n" + b"b" * 1048576)

@@ -10,7 +10,12 @@ from edgeproxy.config import ProxySettings, Route
 from edgeproxy.proxy.forward import Request, _read_head, _upstream_head
 from edgeproxy.proxy.headers import forwarding_headers
 from edgeproxy.proxy.routes import RouteTable, is_safe_path
-from edgeproxy.proxy.upstream import UpstreamPool
+from edgeproxy.proxy.upstream import (
+    MAX_HEAD_BYTES,
+    UpstreamConnection,
+    UpstreamHeadTooLarge,
+    UpstreamPool,
+)
 
 
 def _table() -> RouteTable:
@@ -151,3 +156,68 @@ def test_response_heads_are_cached_only_while_small_key_included():
     assert (chunked, close, cacheable) == (False, False, True)
     head, _, _, cacheable = _upstream_head(204, b"No Content", big, req, None, False)
     assert head == b"HTTP/1.1 204 No Content\r\nServer: up\r\n" and cacheable is False
+
+
+class _Sink:
+    """Records what an UpstreamConnection reports (the Sink protocol)."""
+
+    def __init__(self) -> None:
+        self.status = 0
+        self.body = b""
+        self.done = False
+        self.lost: BaseException | None = None
+
+    def on_upstream_head(self, status: int, reason: bytes, headers: list) -> None:
+        self.status = status
+
+    def on_upstream_body(self, data: bytes) -> None:
+        self.body += data
+
+    def on_upstream_complete(self) -> None:
+        self.done = True
+
+    def on_upstream_lost(self, exc: BaseException | None) -> None:
+        self.lost = exc
+
+    def on_upstream_upgraded(self, rest: bytes) -> None: ...
+    def pause_client(self) -> None: ...
+    def resume_client(self) -> None: ...
+    def flush(self) -> None: ...
+
+
+class _Transport:
+    aborted = False
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+def _feed(pieces: list[bytes]) -> tuple[_Sink, _Transport]:
+    conn = UpstreamConnection(UpstreamPool("http://127.0.0.1:9", ProxySettings()))
+    transport = _Transport()
+    conn.connection_made(transport)  # type: ignore[arg-type]
+    sink = _Sink()
+    conn.start(sink, head_only=False)
+    for piece in pieces:
+        if not transport.aborted:
+            conn.data_received(piece)
+    return sink, transport
+
+
+@pytest.mark.parametrize("step", [4096, 1 << 20], ids=["many reads", "one read"])
+def test_an_upstream_head_over_the_limit_is_refused_however_it_is_read(step):
+    """Counted across reads while the head is incomplete, and checked exactly when a single
+    read holds all of it (a socket read can be bigger than the limit)."""
+    raw = b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * (MAX_HEAD_BYTES + 10) + b"\r\n"
+    raw += b"Content-Length: 2\r\n\r\nok"
+    sink, transport = _feed([raw[i : i + step] for i in range(0, len(raw), step)])
+    assert isinstance(sink.lost, UpstreamHeadTooLarge) and transport.aborted
+    assert sink.status == 0 and not sink.done
+
+
+def test_a_body_in_the_same_read_as_its_head_is_not_counted_as_head():
+    body = b"b" * (4 * MAX_HEAD_BYTES)
+    raw = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+    sink, transport = _feed([raw])
+    assert (sink.status, sink.done, sink.body == body) == (200, True, True)
+    assert sink.lost is None and not transport.aborted
