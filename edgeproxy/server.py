@@ -22,7 +22,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from edgeproxy.asyncio_utils import create_task, watch_parent
+from edgeproxy.asyncio_utils import as_protocol, create_task, watch_parent
 from edgeproxy.config import Settings
 from edgeproxy.inotify import FolderWatch
 from edgeproxy.logging import AccessLog, server_log
@@ -92,7 +92,7 @@ class Worker:
                 )
                 continue
             server = await loop.create_server(
-                lambda: ClientConnection(self.ctx),
+                lambda: as_protocol(ClientConnection(self.ctx)),
                 sock=sock,
                 ssl=self.base_ctx,
                 ssl_handshake_timeout=self.settings.server.handshake_timeout,
@@ -143,7 +143,7 @@ class Worker:
             protocol.peer = source[0]
         try:
             await loop.connect_accepted_socket(
-                lambda: protocol,
+                lambda: as_protocol(protocol),
                 conn,
                 ssl=self.base_ctx,
                 ssl_handshake_timeout=server.handshake_timeout,

@@ -17,7 +17,7 @@ ALLOW_HEADERS = frozenset(
     {b"content-type", b"content-encoding", b"accept", b"accept-language", b"content-language"}
 )
 MAX_AGE = b"600"
-CORS_RESPONSE = frozenset(
+CORS_RESPONSE: frozenset[bytes] = frozenset(
     {
         b"access-control-allow-origin",
         b"access-control-allow-credentials",

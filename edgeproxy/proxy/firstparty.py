@@ -9,8 +9,6 @@ See cookies.py and cors.py for the rules.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from edgeproxy.proxy import cookies, cors
 from edgeproxy.proxy.headers import Header, header_lines
 from edgeproxy.proxy.policy import Policy
@@ -21,18 +19,44 @@ CONSUMED = frozenset({b"cookie", b"x-edge-visitor-id"})
 REPLACED = cors.CORS_RESPONSE | {b"cache-control"}
 
 
-@dataclass(slots=True)
 class FirstParty:
-    policy: Policy
-    origin: bytes | None
-    origin_allowed: bool
-    visitor: bytes
-    source: str
-    """Where the visitor id came from: edge, legacy or new."""
-    cookie: bytes
-    opted_out: bool
-    preflight_method: bytes | None
-    preflight_headers: bytes
+    """The decisions for one request. (A plain class, not a dataclass: compiled by mypyc,
+    a dataclass keeps its generated Python __init__, one more Python call per beacon.)"""
+
+    __slots__ = (
+        "policy",
+        "origin",
+        "origin_allowed",
+        "visitor",
+        "source",
+        "cookie",
+        "opted_out",
+        "preflight_method",
+        "preflight_headers",
+    )
+
+    def __init__(
+        self,
+        policy: Policy,
+        origin: bytes | None,
+        origin_allowed: bool,
+        visitor: bytes,
+        source: str,
+        cookie: bytes,
+        opted_out: bool,
+        preflight_method: bytes | None,
+        preflight_headers: bytes,
+    ) -> None:
+        self.policy = policy
+        self.origin = origin
+        self.origin_allowed = origin_allowed
+        self.visitor = visitor
+        self.source = source
+        """Where the visitor id came from: edge, legacy or new."""
+        self.cookie = cookie
+        self.opted_out = opted_out
+        self.preflight_method = preflight_method
+        self.preflight_headers = preflight_headers
 
 
 def decide(

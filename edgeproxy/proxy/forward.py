@@ -233,7 +233,7 @@ class Request:
         self.upgrade_to = b""
 
 
-class ClientConnection(asyncio.Protocol):
+class ClientConnection:
     """One client TLS connection (the protocol is created at accept, before the handshake)."""
 
     def __init__(self, ctx: ProxyContext) -> None:
@@ -577,14 +577,18 @@ class ClientConnection(asyncio.Protocol):
         elif target[:8].lower() in (b"https://", b"http://") or target[:7].lower() == b"http://":
             # absolute-form (RFC 9112 section 3.2.2): the authority replaces Host.
             try:
-                url = httptools.parse_url(target)
+                url: Any = httptools.parse_url(target)  # (Any: see below)
             except httptools.HttpParserInvalidURLError:
                 return self._respond(req, 400, "invalid request target")
+            # httptools' stub types the parts bytes and int, but a part not in the URL is
+            # None, and compiled code (setup.py) would check for the stub's types.
+            port: int | None = url.port
+            query: bytes | None = url.query
             host = url.host or b""
-            if url.port:
-                host += b":%d" % url.port
+            if port:
+                host += b":%d" % port
             path = url.path or b"/"
-            req.target = path + (b"?" + url.query if url.query else b"")
+            req.target = path + (b"?" + query if query else b"")
         else:
             return self._respond(req, 400, "invalid request target")
         if host is None:

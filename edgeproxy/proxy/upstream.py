@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 
 import httptools
 
+from edgeproxy.asyncio_utils import as_protocol
 from edgeproxy.config import ProxySettings
 from edgeproxy.errors import UpstreamTimeout, UpstreamUnavailable
 from edgeproxy.logging import proxy_log
@@ -54,7 +55,7 @@ class UpstreamHeadTooLarge(Exception):
     """The upstream's response head passed MAX_HEAD_BYTES: a broken upstream, not stale."""
 
 
-class UpstreamConnection(asyncio.Protocol):
+class UpstreamConnection:
     __slots__ = (
         "pool",
         "transport",
@@ -271,10 +272,11 @@ class UpstreamPool:
             UpstreamTimeout: no connection within `connect_timeout`.
         """
         loop = asyncio.get_running_loop()
+        conn = UpstreamConnection(self)
         try:
             async with asyncio.timeout(self.settings.connect_timeout):
-                _, conn = await loop.create_connection(
-                    lambda: UpstreamConnection(self),
+                await loop.create_connection(
+                    lambda: as_protocol(conn),
                     self.host,
                     self.port,
                     ssl=self.ssl,
