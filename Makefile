@@ -11,26 +11,41 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $@
 
-demo: $(BIN)/.installed
+# The beacon path compiled by mypyc (setup.py), rebuilt whenever a source of it changes.
+# Without a C compiler it runs as plain Python, slower; EDGEPROXY_REQUIRE_COMPILED=1 (CI)
+# makes that an error.
+HOT := $(filter-out edgeproxy/proxy/__init__.py,$(wildcard edgeproxy/proxy/*.py)) edgeproxy/metrics.py
+
+$(BIN)/.compiled: $(BIN)/.installed setup.py $(HOT)
+	@rm -f edgeproxy/*.so edgeproxy/proxy/*.so edgeproxy/_build.py
+	@if EDGEPROXY_COMPILE=1 $(BIN)/python setup.py -q build_ext --inplace >$(BIN)/compile.log 2>&1; \
+	then echo "edgeproxy: beacon path compiled (mypyc)"; \
+	else rm -f edgeproxy/*.so edgeproxy/proxy/*.so edgeproxy/_build.py; \
+	  echo "edgeproxy: the beacon path could not be compiled (see $(BIN)/compile.log): plain Python"; \
+	  if [ "$$EDGEPROXY_REQUIRE_COMPILED" = 1 ]; then cat $(BIN)/compile.log; exit 1; fi; fi
+	@touch $@
+
+demo: $(BIN)/.compiled
 	$(BIN)/edgeproxy demo
 
-lint: $(BIN)/.installed
-	$(BIN)/ruff check edgeproxy tests bench
-	$(BIN)/ruff format --check edgeproxy tests bench
+lint: $(BIN)/.compiled
+	$(BIN)/ruff check edgeproxy tests bench setup.py
+	$(BIN)/ruff format --check edgeproxy tests bench setup.py
 	$(BIN)/mypy
 
 test: lint
 	$(BIN)/python -m pytest
 
 # On demand: edgeproxy vs nginx on this machine (installs nginx and wrk when missing).
-bench: $(BIN)/.installed
+bench: $(BIN)/.compiled
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/certs_scale.py
 
 # CI only proves the scripts run; the numbers mean nothing on a busy machine.
-bench-smoke: $(BIN)/.installed
+bench-smoke: $(BIN)/.compiled
 	$(BIN)/python bench/run.py --smoke
 	$(BIN)/python bench/certs_scale.py --quick
 
 clean:
-	rm -rf $(VENV) .demo .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .demo .pytest_cache .mypy_cache .ruff_cache build
+	rm -f edgeproxy/*.so edgeproxy/proxy/*.so edgeproxy/_build.py
