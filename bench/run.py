@@ -766,8 +766,17 @@ def machine() -> dict[str, Any]:
             ["git", *a], cwd=ROOT, capture_output=True, text=True, check=False
         ).stdout.strip()
 
+    # setup.py may have compiled the beacon path (make does when it can): say which ran.
+    where = subprocess.run(
+        [sys.executable, "-c", "import edgeproxy.proxy.forward as f; print(f.__file__)"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
     return {
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+        "beacon_path": "compiled by mypyc" if where.endswith(".so") else "plain Python",
         "nproc": cmd("nproc"),
         "cpu_model": model,
         "kernel": platform.release(),
@@ -791,7 +800,7 @@ def render(res: dict[str, Any]) -> str:
         f"Machine: {m['nproc']} CPUs ({m['cpu_model']}), Linux {m['kernel']}, Python "
         f"{m['python']} ({m['openssl_python']}), {m['nginx']}, {m['wrk']}. edgeproxy at "
         f"{m['git_head']} (source sha256 {m['edgeproxy_source_sha256']}"
-        f"{dirty}"
+        f"{dirty}; beacon path {m.get('beacon_path', '?')}"
         f"). Load average at start {' '.join(m['loadavg_start'])}, at end "
         f"{' '.join(m.get('loadavg_end', []))}.",
         "",
