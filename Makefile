@@ -14,7 +14,7 @@ $(BIN)/.installed: pyproject.toml
 # The beacon path compiled by mypyc (setup.py), rebuilt whenever a source of it changes.
 # Without a C compiler it runs as plain Python, slower; EDGEPROXY_REQUIRE_COMPILED=1 (CI)
 # makes that an error.
-HOT := $(filter-out edgeproxy/proxy/__init__.py,$(wildcard edgeproxy/proxy/*.py)) edgeproxy/metrics.py
+HOT := $(filter-out edgeproxy/proxy/__init__.py,$(wildcard edgeproxy/proxy/*.py)) edgeproxy/metrics.py edgeproxy/tls/transport.py
 
 $(BIN)/.compiled: $(BIN)/.installed setup.py $(HOT)
 	@rm -f edgeproxy/*.so edgeproxy/proxy/*.so edgeproxy/_build.py

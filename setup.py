@@ -17,7 +17,7 @@ from setuptools import setup
 
 # The beacon path: every module of edgeproxy/proxy, and the histograms it observes into.
 HOT = sorted(str(p) for p in Path("edgeproxy/proxy").glob("*.py") if p.name != "__init__.py")
-HOT.append("edgeproxy/metrics.py")
+HOT += ["edgeproxy/metrics.py", "edgeproxy/tls/transport.py"]
 
 
 def ext_modules() -> list[object]:

@@ -15,7 +15,7 @@ import importlib.machinery
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent
-FOLDERS = (PACKAGE, PACKAGE / "proxy")
+FOLDERS = (PACKAGE, PACKAGE / "proxy", PACKAGE / "tls")
 
 
 class StaleBuildError(ImportError):

@@ -36,6 +36,7 @@ from edgeproxy.proxy.upstream import UpstreamPool
 from edgeproxy.tls.follow import watch_served
 from edgeproxy.tls.sni import HandshakeTally, install_sni_callback
 from edgeproxy.tls.store import CertStore
+from edgeproxy.tls.transport import TLSListener, TLSTransport
 
 METRICS_FLUSH_INTERVAL = 0.2
 """Request histograms are written in bulk this often (see metrics.BatchedObserver)."""
@@ -70,7 +71,7 @@ class Worker:
             PolicyBook(settings.policy),
             access=AccessLog() if settings.log.access else None,
         )
-        self.servers: list[asyncio.Server] = []
+        self.listeners: list[TLSListener] = []
         self.accepting: list[asyncio.Task[None]] = []
         self._last_warning = -60.0
         self.stopping = asyncio.Event()
@@ -80,7 +81,6 @@ class Worker:
         self.metrics.certificates_loaded.set(len(self.store))
 
     async def start(self, sockets: list[socket.socket]) -> None:
-        loop = asyncio.get_running_loop()
         # Watch first, then list: whatever is published after the listing raises an event.
         self.served_watch = FolderWatch(self.store.dir)
         self.rescan()
@@ -91,14 +91,15 @@ class Worker:
                     create_task(self._accept_proxied(sock), name="edgeproxy.accept-proxied")
                 )
                 continue
-            server = await loop.create_server(
+            listener = TLSListener(
+                sock,
+                self.base_ctx,
                 lambda: as_protocol(ClientConnection(self.ctx)),
-                sock=sock,
-                ssl=self.base_ctx,
-                ssl_handshake_timeout=self.settings.server.handshake_timeout,
-                backlog=self.settings.server.backlog,
+                handshake_timeout=self.settings.server.handshake_timeout,
+                tally=self.tally,
             )
-            self.servers.append(server)
+            listener.start()
+            self.listeners.append(listener)
         self.metrics.workers_ready.set(1)
         self._flush_metrics()
         server_log.info(
@@ -138,18 +139,19 @@ class Worker:
             self._warn_once(f"bad PROXY header ({exc})", addr[0])
             conn.close()
             return
-        protocol = ClientConnection(self.ctx)
-        if source is not None:
-            protocol.peer = source[0]
+        peer = source[0] if source is not None else ""
+
+        def protocol() -> asyncio.Protocol:
+            made = ClientConnection(self.ctx)
+            made.peer = peer
+            return as_protocol(made)
+
         try:
-            await loop.connect_accepted_socket(
-                lambda: as_protocol(protocol),
-                conn,
-                ssl=self.base_ctx,
-                ssl_handshake_timeout=server.handshake_timeout,
-            )
-        except (OSError, ssl.SSLError, TimeoutError):
-            conn.close()  # a failed handshake: counted when the protocol is collected
+            transport = TLSTransport(loop, conn, addr, self.base_ctx, protocol, self.tally)
+        except OSError:  # the client is gone already
+            conn.close()
+            return
+        transport.start(server.handshake_timeout)
 
     def _flush_metrics(self) -> None:
         self.ctx.flush_metrics()
@@ -171,8 +173,8 @@ class Worker:
         ctx = self.ctx
         self.metrics.workers_ready.set(0)
         # 1. stop accepting
-        for server in self.servers:
-            server.close()
+        for listener in self.listeners:
+            listener.close()
         for task in self.accepting:
             task.cancel()
         # 2. draining: idle connections go now, busy ones after their response

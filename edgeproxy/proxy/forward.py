@@ -54,7 +54,7 @@ from edgeproxy.proxy.headers import (
 from edgeproxy.proxy.policy import Policy, PolicyBook
 from edgeproxy.proxy.routes import RouteTable, RouteTarget, is_safe_path
 from edgeproxy.proxy.upstream import UpstreamConnection, UpstreamHeadTooLarge, UpstreamPool
-from edgeproxy.tls.sni import SNI_ATTR, HandshakeTally
+from edgeproxy.tls.sni import HandshakeTally
 
 REPLAY_LIMIT = 65536
 """Request bodies up to this size are kept so a stale pooled connection can be retried."""
@@ -234,7 +234,7 @@ class Request:
 
 
 class ClientConnection:
-    """One client TLS connection (the protocol is created at accept, before the handshake)."""
+    """One client TLS connection (the protocol is made once its handshake has succeeded)."""
 
     def __init__(self, ctx: ProxyContext) -> None:
         self.ctx = ctx
@@ -242,8 +242,7 @@ class ClientConnection:
         # which cost ~12% of a keep-alive beacon when called per request.
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
-        # Made after the handshake: the parser refers back to us, and that cycle would delay
-        # __del__ (which counts failed handshakes) until a garbage collection.
+        # Made in connection_made; dropped in connection_lost (it refers back to us).
         self.parser: httptools.HttpRequestParser | None = None
         self.sni = ""
         self.peer = ""
@@ -253,7 +252,6 @@ class ClientConnection:
         self.tunnel_early = b""
         self.closed = False
         self.eof = False
-        self.handshaken = False
         self._paused = 0
         # One lazy timer per connection (see _arm): its deadline and what runs then.
         self._timer: asyncio.TimerHandle | None = None
@@ -283,15 +281,12 @@ class ClientConnection:
     # --- connection lifecycle --------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports don't subclass asyncio.Transport, but have its methods.
+        # Called once the handshake is done (tls/transport.py makes the protocol only then).
         self.transport = cast(asyncio.Transport, transport)
         self.parser = httptools.HttpRequestParser(self)
-        self.handshaken = True
         ctx = self.ctx
-        ctx.tally.ok()
         ctx.connections.add(self)  # edgeproxy_connections_active is its size, at each flush
-        sslobj = transport.get_extra_info("ssl_object")
-        self.sni = getattr(sslobj, SNI_ATTR, "") if sslobj is not None else ""
+        self.sni = transport.get_extra_info("sni") or ""
         peer = transport.get_extra_info("peername")
         if not self.peer:  # set from a PROXY header, when the listener speaks it
             self.peer = peer[0] if isinstance(peer, tuple) else ""
@@ -321,9 +316,11 @@ class ClientConnection:
                 req.exchange.on_client_lost()
         self.queue.clear()
 
-    def __del__(self) -> None:
-        if not self.handshaken:
-            self.ctx.tally.failed()
+    @property
+    def reading_request(self) -> bool:
+        """A request is partly in (its head or body): closing now leaves the rest unread,
+        and the transport lingers rather than reset the connection (tls/transport.py)."""
+        return self.current is not None
 
     def data_received(self, data: bytes) -> None:
         if self.tunnel is not None:

@@ -44,9 +44,10 @@ def apply_tls_policy(ctx: ssl.SSLContext) -> ssl.SSLContext:
 class DirectSSLObject(ssl.SSLObject):
     """An SSLObject whose read, write, pending and do_handshake are the C object's own.
 
-    uvloop calls these for every TLS record; ssl.py's methods only pass the same arguments
-    on to `self._sslobj`, a Python frame each (~4 per keep-alive beacon). Everything else
-    (the SNI callback's view, get_extra_info("ssl_object"), properties) is SSLObject's.
+    For memory-BIO users of the server context (uvloop's TLS: bench/relay.py; the edge's
+    own connections use tls/transport.py): uvloop calls these for every TLS record, and
+    ssl.py's methods only pass the same arguments on to `self._sslobj`, a Python frame each.
+    Everything else (the SNI callback's view, properties) is SSLObject's.
     """
 
     @classmethod
@@ -65,12 +66,12 @@ def new_server_context() -> ssl.SSLContext:
 
 
 class HandshakeTally:
-    """Counts handshake results; `error` is derived because asyncio doesn't report failures.
+    """Counts handshake results: `ok` and `failed` from the transport (tls/transport.py),
+    `refused` from the SNI callback.
 
-    The protocol object for a connection is created at accept, before the handshake, and
-    sees `connection_made` only after a successful one. So every protocol that dies without
-    it is a failed handshake: one the SNI callback refused (already counted) or an error or
-    timeout. `refused` leaves a claim that the next such failure consumes.
+    A handshake the SNI callback refused also fails in the transport; `refused` counts it
+    under its reason and leaves a claim that the next failure consumes, so that it isn't
+    counted as an `error` too.
 
     Counts are plain integers that `flush` hands to the metrics a few times a second: a
     multiprocess counter write per handshake (a getpid(2) and a lock) cost ~2% of one.
@@ -103,7 +104,8 @@ class HandshakeTally:
 
 
 SNI_ATTR = "edge_sni"
-"""Attribute the callback sets on the SSLObject: the server side can't read SNI otherwise."""
+"""Attribute the callback sets on the connection (its TLSTransport): the server side of
+OpenSSL keeps no SNI name to read back."""
 
 
 def install_sni_callback(
@@ -113,7 +115,8 @@ def install_sni_callback(
 ) -> None:
     """Make `base` pick each connection's context by SNI via `lookup(name)`."""
 
-    def on_sni(sslobj: ssl.SSLObject, server_name: str | None, _: ssl.SSLContext) -> int | None:
+    # `conn` is the connection's owner: a TLSTransport, or an SSLObject on memory BIOs.
+    def on_sni(conn: Any, server_name: str | None, _: ssl.SSLContext) -> int | None:
         if not server_name:
             tally.refused("no_sni")
             return ssl.ALERT_DESCRIPTION_HANDSHAKE_FAILURE
@@ -124,8 +127,8 @@ def install_sni_callback(
             if tls_log.isEnabledFor(10):
                 tls_log.debug("handshake refused: unknown SNI", extra={"sni": name[:253]})
             return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
-        sslobj.context = ctx
-        setattr(sslobj, SNI_ATTR, name)
+        conn.context = ctx
+        setattr(conn, SNI_ATTR, name)
         return None
 
     base.sni_callback = on_sni

@@ -134,3 +134,36 @@ def test_garbage_handshake_counts_as_error(edge: Edge):
             break
         time.sleep(0.05)
     assert edge.sample("edgeproxy_tls_handshakes_total", result="error") == before + 1
+
+
+# --- the TLS transport (edgeproxy/tls/transport.py) ------------------------------------------
+
+
+def test_a_refused_upload_still_gets_its_answer(edge: Edge, client_ctx):
+    """The edge answers 413 and closes while the body is still arriving. Closed with those
+    bytes unread, the kernel would send a reset, and a client that hasn't read the 413 yet
+    loses it: the edge half-closes and reads on (lingers) instead."""
+    head = b"POST /track HTTP/1.1\r\nHost: %s\r\nContent-Length: 70000\r\n\r\n"
+    with (
+        socket.create_connection(("127.0.0.1", edge.port)) as raw,
+        client_ctx.wrap_socket(raw, server_hostname=DOMAINS[0]) as tls,
+    ):
+        tls.settimeout(5)
+        tls.sendall(head % DOMAINS[0].encode() + b"x" * 60000)
+        time.sleep(0.5)  # the 413 arrives and waits, unread, in this socket
+        tls.sendall(b"x" * 5000)  # more of the body, after the edge's close
+        got = b""
+        while chunk := tls.recv(65536):
+            got += chunk
+    assert got.startswith(b"HTTP/1.1 413 "), got[:100]
+
+
+async def test_a_slow_reader_gets_a_large_response_whole(edge: Edge, client_ctx):
+    """1 MiB to a client that reads nothing for a while: the edge keeps what the socket
+    doesn't take (and pauses the upstream), then sends all of it, in order."""
+    conn = await Conn.open(edge.port, DOMAINS[0], client_ctx)
+    conn.send(b"GET /track/bigbody HTTP/1.1\r\nHost: %s\r\n\r\n" % DOMAINS[0].encode())
+    await asyncio.sleep(1.0)
+    [resp] = await conn.read_responses()
+    await conn.close()
+    assert resp.status == 200 and resp.body == b"b" * 1048576
