@@ -1,12 +1,13 @@
-"""The ceiling of edgeproxy's stack: a TLS relay on uvloop + CPython ssl with no HTTP at all.
+"""A bare TLS relay on uvloop's TLS + CPython ssl, with no HTTP at all.
 
 Bytes from each TLS client go unparsed to an upstream connection of its own and back. It
-serves no product (no routing, limits, headers, cookies, metrics), so no Python proxy on
-this stack can cost less per request or per handshake: bench/run.py measures it beside
-edgeproxy and nginx to show how much of a gap is the stack and how much is edgeproxy.
-It uses edgeproxy's TLS policy (ciphers, ALPN, tickets), so handshakes are alike; unlike
-edgeproxy it opens a new upstream connection per client connection (it can't pool without
-parsing), which counts against it in the handshake scenarios.
+serves no product (no routing, limits, headers, cookies, metrics): it was the ceiling of
+the stack edgeproxy ran on until it served TLS from the socket itself, compiled
+(edgeproxy/tls/transport.py), and bench/run.py still measures it beside edgeproxy and nginx
+to show what uvloop's TLS alone costs. It uses edgeproxy's TLS policy (ciphers, ALPN,
+tickets), so handshakes are alike; unlike edgeproxy it opens a new upstream connection per
+client connection (it can't pool without parsing), which counts against it in the
+handshake scenarios.
 
     python bench/relay.py PORT UPSTREAM_PORT FULLCHAIN PRIVKEY
 """

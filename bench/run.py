@@ -218,7 +218,7 @@ def start_nginx(work: Path, name: str, workers: int, body: str) -> dict[str, Any
 
 
 def start_relay(work: Path) -> dict[str, Any]:
-    """bench/relay.py: the stack's ceiling (uvloop + CPython ssl, no HTTP), see its docstring."""
+    """bench/relay.py: a bare relay on uvloop's TLS (no HTTP), see its docstring."""
     folder = work / "certs" / HOST
     cmd = [
         sys.executable,
@@ -882,10 +882,12 @@ def render(res: dict[str, Any]) -> str:
     lines.append("")
     if sc.get("keepalive", {}).get("relay"):
         lines += [
-            "### The stack's ceiling: a bare uvloop + CPython ssl relay (bench/relay.py)",
+            "### A bare relay on uvloop's TLS (bench/relay.py)",
             "",
-            "Same rounds, same load. The relay parses no HTTP and does none of edgeproxy's work;"
-            " no Python proxy on this stack can cost less. (In 2/3 it also opens an upstream "
+            "Same rounds, same load. The relay parses no HTTP and does none of edgeproxy's work,"
+            " on uvloop's TLS (memory BIOs, not compiled): the ceiling of the stack edgeproxy "
+            "ran on until session 4, which now serves TLS from the socket, compiled "
+            "(edgeproxy/tls/transport.py). (In 2/3 it also opens an upstream "
             "connection per client connection, which edgeproxy pools.)",
             "",
             "| scenario | relay per proxy CPU-s | relay/nginx | edgeproxy/relay |",
@@ -1008,7 +1010,7 @@ def bench(args: argparse.Namespace, work: Path, script: Path) -> dict[str, Any]:
     sc = res["scenarios"]
     with servers(work, False) as s:
         e1, e2, n1, n2, relay = s["edge1"], s["edge2"], s["nginx1"], s["nginx2"], s["relay"]
-        # Scenarios 1-3 run edgeproxy, nginx and the stack's ceiling in turn (A B C A B C ...).
+        # Scenarios 1-3 run edgeproxy, nginx and the bare relay in turn (A B C A B C ...).
         trio = (
             ("edgeproxy", e1, EDGE1_PORT),
             ("nginx", n1, NGINX1_PORT),
