@@ -15,7 +15,8 @@ from pathlib import Path
 
 from setuptools import setup
 
-# The beacon path: every module of edgeproxy/proxy, and the histograms it observes into.
+# The beacon path: every module of edgeproxy/proxy, the histograms it observes into and
+# the client connections' TLS transport.
 HOT = sorted(str(p) for p in Path("edgeproxy/proxy").glob("*.py") if p.name != "__init__.py")
 HOT += ["edgeproxy/metrics.py", "edgeproxy/tls/transport.py"]
 

@@ -1,10 +1,11 @@
 """Whether the beacon path runs compiled, and a refusal to run compiled code that is stale.
 
-setup.py builds edgeproxy/proxy and metrics.py into C extensions with mypyc, and records the
-SHA-256 of every source it compiled in edgeproxy/_build.py. Python imports an extension
-before the .py beside it, so an extension left over from before an edit would run the old
-code, silently: `check()` (run when edgeproxy is imported) refuses that and says how to
-rebuild. (Hashes, not times: a rebuild that generates the same C leaves old file times.)
+setup.py builds the beacon path (edgeproxy/proxy, metrics.py, tls/transport.py) into C
+extensions with mypyc, and records the SHA-256 of every source it compiled in
+edgeproxy/_build.py. Python imports an extension before the .py beside it, so an extension
+left over from before an edit would run the old code, silently: `check()` (run when
+edgeproxy is imported) refuses that and says how to rebuild. (Hashes, not times: a rebuild
+that generates the same C leaves old file times.)
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import importlib.machinery
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent
-FOLDERS = (PACKAGE, PACKAGE / "proxy", PACKAGE / "tls")
+FOLDERS = (PACKAGE, *(p for p in PACKAGE.iterdir() if (p / "__init__.py").exists()))
 
 
 class StaleBuildError(ImportError):
@@ -56,5 +57,5 @@ def check() -> None:
         raise StaleBuildError(
             f"{', '.join(changed[:3])}{' and more' if len(changed) > 3 else ''} changed after "
             "the beacon path was compiled, so the old code would run: run `make` (it "
-            "rebuilds), or delete edgeproxy/*.so and edgeproxy/proxy/*.so to run plain Python"
+            "rebuilds), or delete edgeproxy/*.so and edgeproxy/*/*.so to run plain Python"
         )

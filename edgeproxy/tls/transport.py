@@ -77,6 +77,7 @@ class TLSListener:
         self.handshake_timeout = handshake_timeout
         self.tally = tally
         self.accepting = False
+        self.closed = False
         self._last_warning = -60.0
 
     def start(self) -> None:
@@ -85,7 +86,11 @@ class TLSListener:
         self.accepting = True
 
     def close(self) -> None:
-        """Stop accepting (the socket itself belongs to the supervisor)."""
+        """Stop accepting for good (the socket itself belongs to the supervisor)."""
+        self.closed = True
+        self._pause()
+
+    def _pause(self) -> None:
         if self.accepting:
             self.accepting = False
             self.loop.remove_reader(self.sock.fileno())
@@ -100,7 +105,7 @@ class TLSListener:
         except OSError as exc:
             if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                 self._warn(exc)
-                self.close()
+                self._pause()
                 self.loop.call_later(ACCEPT_BACKOFF, self._resume)
             return  # (ECONNABORTED and the like: that connection is gone, not the listener)
         try:
@@ -111,7 +116,7 @@ class TLSListener:
         transport.start(self.handshake_timeout)
 
     def _resume(self) -> None:
-        if not self.accepting and self.sock.fileno() >= 0:
+        if not self.accepting and not self.closed:  # (a drain may have closed it meanwhile)
             self.start()
 
     def _warn(self, exc: OSError) -> None:
