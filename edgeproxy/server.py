@@ -36,7 +36,7 @@ from edgeproxy.proxy.upstream import UpstreamPool
 from edgeproxy.tls.follow import watch_served
 from edgeproxy.tls.sni import HandshakeTally, install_sni_callback
 from edgeproxy.tls.store import CertStore
-from edgeproxy.tls.transport import TLSListener, TLSTransport
+from edgeproxy.tls.transport import TLSListener, serve_tls
 
 METRICS_FLUSH_INTERVAL = 0.2
 """Request histograms are written in bulk this often (see metrics.BatchedObserver)."""
@@ -146,12 +146,7 @@ class Worker:
             made.peer = peer
             return as_protocol(made)
 
-        try:
-            transport = TLSTransport(loop, conn, addr, self.base_ctx, protocol, self.tally)
-        except OSError:  # the client is gone already
-            conn.close()
-            return
-        transport.start(server.handshake_timeout)
+        serve_tls(loop, conn, addr, self.base_ctx, protocol, self.tally, server.handshake_timeout)
 
     def _flush_metrics(self) -> None:
         self.ctx.flush_metrics()

@@ -108,12 +108,7 @@ class TLSListener:
                 self._pause()
                 self.loop.call_later(ACCEPT_BACKOFF, self._resume)
             return  # (ECONNABORTED and the like: that connection is gone, not the listener)
-        try:
-            transport = TLSTransport(self.loop, conn, addr, self.ctx, self.factory, self.tally)
-        except OSError:  # reset before we got to it
-            conn.close()
-            return
-        transport.start(self.handshake_timeout)
+        serve_tls(self.loop, conn, addr, self.ctx, self.factory, self.tally, self.handshake_timeout)
 
     def _resume(self) -> None:
         if not self.accepting and not self.closed:  # (a drain may have closed it meanwhile)
@@ -124,6 +119,25 @@ class TLSListener:
         if now - self._last_warning >= 60:  # at most a line a minute under a flood
             self._last_warning = now
             server_log.warning("accept failed: %s; pausing accepts for %.1f s", exc, ACCEPT_BACKOFF)
+
+
+def serve_tls(
+    loop: asyncio.AbstractEventLoop,
+    conn: socket.socket,
+    peer: Any,
+    ctx: ssl.SSLContext,
+    factory: ProtocolFactory,
+    tally: HandshakeTally,
+    handshake_timeout: float,
+) -> None:
+    """Start the handshake on an accepted connection (a listener's, or one that came with
+    a PROXY header); its protocol is made once the handshake succeeds."""
+    try:
+        transport = TLSTransport(loop, conn, peer, ctx, factory, tally)
+    except OSError:  # reset before we got to it
+        conn.close()
+        return
+    transport.start(handshake_timeout)
 
 
 class TLSTransport(asyncio.Transport):
