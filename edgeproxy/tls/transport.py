@@ -30,6 +30,7 @@ Rules:
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import errno
 import socket
@@ -40,6 +41,7 @@ from collections.abc import Callable
 from typing import Any
 
 from edgeproxy.logging import server_log
+from edgeproxy.tls.connsocket import ConnSocket
 from edgeproxy.tls.sni import HandshakeTally
 
 RECORD = 16384
@@ -72,6 +74,7 @@ class TLSListener:
     ) -> None:
         self.loop = asyncio.get_running_loop()
         self.sock = sock
+        self.family = int(sock.family)
         self.ctx = ctx
         self.factory = factory
         self.handshake_timeout = handshake_timeout
@@ -98,8 +101,8 @@ class TLSListener:
     def _accept(self) -> None:
         # One connection per readiness event, as nginx does by default: the listener stays
         # ready while more wait, and a batch would end in one more accept that fails.
-        try:
-            conn, addr = self.sock.accept()
+        try:  # (not accept(): that makes a socket.socket, see tls/connsocket.py)
+            fd, addr = self.sock._accept()  # type: ignore[attr-defined]
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
@@ -108,6 +111,7 @@ class TLSListener:
                 self._pause()
                 self.loop.call_later(ACCEPT_BACKOFF, self._resume)
             return  # (ECONNABORTED and the like: that connection is gone, not the listener)
+        conn = ConnSocket(self.family, socket.SOCK_STREAM, 0, fd)
         serve_tls(self.loop, conn, addr, self.ctx, self.factory, self.tally, self.handshake_timeout)
 
     def _resume(self) -> None:
@@ -123,7 +127,7 @@ class TLSListener:
 
 def serve_tls(
     loop: asyncio.AbstractEventLoop,
-    conn: socket.socket,
+    conn: _socket.socket,
     peer: Any,
     ctx: ssl.SSLContext,
     factory: ProtocolFactory,
@@ -168,7 +172,7 @@ class TLSTransport(asyncio.Transport):
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
-        sock: socket.socket,
+        sock: _socket.socket,
         peer: Any,
         ctx: ssl.SSLContext,
         factory: ProtocolFactory,
