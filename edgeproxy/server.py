@@ -36,7 +36,7 @@ from edgeproxy.proxy.upstream import UpstreamPool
 from edgeproxy.tls.follow import watch_served
 from edgeproxy.tls.sni import HandshakeTally, install_sni_callback
 from edgeproxy.tls.store import CertStore
-from edgeproxy.tls.transport import TLSListener, serve_tls
+from edgeproxy.tls.transport import HandshakeDeadlines, TLSListener, serve_tls
 
 METRICS_FLUSH_INTERVAL = 0.2
 """Request histograms are written in bulk this often (see metrics.BatchedObserver)."""
@@ -85,6 +85,9 @@ class Worker:
         self.served_watch = FolderWatch(self.store.dir)
         self.rescan()
         install_sni_callback(self.base_ctx, self.store.context_for, self.tally)
+        self.deadlines = HandshakeDeadlines(
+            asyncio.get_running_loop(), self.settings.server.handshake_timeout
+        )
         for sock in sockets:
             if self.settings.server.proxy_protocol:
                 self.accepting.append(
@@ -95,7 +98,7 @@ class Worker:
                 sock,
                 self.base_ctx,
                 lambda: as_protocol(ClientConnection(self.ctx)),
-                handshake_timeout=self.settings.server.handshake_timeout,
+                deadlines=self.deadlines,
                 tally=self.tally,
             )
             listener.start()
@@ -146,7 +149,7 @@ class Worker:
             made.peer = peer
             return as_protocol(made)
 
-        serve_tls(loop, conn, addr, self.base_ctx, protocol, self.tally, server.handshake_timeout)
+        serve_tls(loop, conn, addr, self.base_ctx, protocol, self.tally, self.deadlines)
 
     def _flush_metrics(self) -> None:
         self.ctx.flush_metrics()

@@ -69,7 +69,7 @@ class TLSListener:
         ctx: ssl.SSLContext,
         factory: ProtocolFactory,
         *,
-        handshake_timeout: float,
+        deadlines: HandshakeDeadlines,
         tally: HandshakeTally,
     ) -> None:
         self.loop = asyncio.get_running_loop()
@@ -77,7 +77,7 @@ class TLSListener:
         self.family = int(sock.family)
         self.ctx = ctx
         self.factory = factory
-        self.handshake_timeout = handshake_timeout
+        self.deadlines = deadlines
         self.tally = tally
         self.accepting = False
         self.closed = False
@@ -112,7 +112,7 @@ class TLSListener:
                 self.loop.call_later(ACCEPT_BACKOFF, self._resume)
             return  # (ECONNABORTED and the like: that connection is gone, not the listener)
         conn = ConnSocket(self.family, socket.SOCK_STREAM, 0, fd)
-        serve_tls(self.loop, conn, addr, self.ctx, self.factory, self.tally, self.handshake_timeout)
+        serve_tls(self.loop, conn, addr, self.ctx, self.factory, self.tally, self.deadlines)
 
     def _resume(self) -> None:
         if not self.accepting and not self.closed:  # (a drain may have closed it meanwhile)
@@ -132,7 +132,7 @@ def serve_tls(
     ctx: ssl.SSLContext,
     factory: ProtocolFactory,
     tally: HandshakeTally,
-    handshake_timeout: float,
+    deadlines: HandshakeDeadlines,
 ) -> None:
     """Start the handshake on an accepted connection (a listener's, or one that came with
     a PROXY header); its protocol is made once the handshake succeeds."""
@@ -141,7 +141,47 @@ def serve_tls(
     except OSError:  # reset before we got to it
         conn.close()
         return
-    transport.start(handshake_timeout)
+    transport.start(deadlines)
+
+
+class HandshakeDeadlines:
+    """Closes handshakes that outlast `timeout`, with one loop timer for all of them.
+
+    A timer per connection (call_later, then cancel) costs ~3 us even in a hot loop. All
+    handshakes get the same timeout, so the oldest pending one always expires first: the
+    timer is set for it, and moved on to the next oldest when it fires.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
+        self.loop = loop
+        self.timeout = timeout
+        self.pending: dict[TLSTransport, float] = {}  # insertion order is deadline order
+        self._timer: asyncio.TimerHandle | None = None
+
+    def add(self, transport: TLSTransport) -> None:
+        self.pending[transport] = deadline = self.loop.time() + self.timeout
+        if self._timer is None:
+            self._timer = self.loop.call_at(deadline, self._expire)
+
+    def discard(self, transport: TLSTransport) -> None:
+        self.pending.pop(transport, None)
+
+    def _expire(self) -> None:
+        self._timer = None
+        now = self.loop.time()
+        pending = self.pending
+        expired: list[TLSTransport] = []
+        next_deadline = 0.0
+        for transport, deadline in pending.items():
+            if deadline > now + 0.001:  # (libuv timers have ms resolution: no spinning)
+                next_deadline = deadline
+                break
+            expired.append(transport)
+        for transport in expired:
+            del pending[transport]
+            transport._handshake_timed_out()
+        if pending:
+            self._timer = self.loop.call_at(next_deadline, self._expire)
 
 
 class TLSTransport(asyncio.Transport):
@@ -157,6 +197,7 @@ class TLSTransport(asyncio.Transport):
         "_tally",
         "_protocol",
         "_state",
+        "_deadlines",
         "_timer",
         "_reading",
         "_watching",
@@ -186,7 +227,8 @@ class TLSTransport(asyncio.Transport):
         self._tally = tally
         self._protocol: asyncio.Protocol | None = None
         self._state = _HANDSHAKE
-        self._timer: asyncio.TimerHandle | None = None
+        self._deadlines: HandshakeDeadlines | None = None
+        self._timer: asyncio.TimerHandle | None = None  # the linger's
         self._reading = True  # the protocol wants data (pause_reading/resume_reading)
         self._watching = False  # the reader callback is registered
         self._writing = False  # the writer callback is registered
@@ -202,9 +244,10 @@ class TLSTransport(asyncio.Transport):
             sock, server_side=True, owner=self
         )
 
-    def start(self, handshake_timeout: float) -> None:
+    def start(self, deadlines: HandshakeDeadlines) -> None:
         # The ClientHello is usually not there yet at accept: wait for it, don't try a read.
-        self._timer = self._loop.call_later(handshake_timeout, self._handshake_timed_out)
+        self._deadlines = deadlines
+        deadlines.add(self)
         self._watch()
 
     # --- what the SNI callback sees (tls/sni.install_sni_callback) ------------------------
@@ -232,9 +275,7 @@ class TLSTransport(asyncio.Transport):
             self._tally.failed()
             self._close_now(None)
             return
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._forget_deadline()
         self._unwatch_write()
         self._state = _OPEN
         self._tally.ok()
@@ -243,8 +284,14 @@ class TLSTransport(asyncio.Transport):
         # No read now: the request is rarely in yet, and the reader (still registered, level
         # triggered) calls as soon as it is.
 
+    def _forget_deadline(self) -> None:
+        deadlines = self._deadlines
+        if deadlines is not None:
+            self._deadlines = None
+            deadlines.discard(self)
+
     def _handshake_timed_out(self) -> None:
-        self._timer = None
+        self._deadlines = None
         if self._state == _HANDSHAKE:
             self._tally.failed()
             self._close_now(None)
@@ -431,6 +478,7 @@ class TLSTransport(asyncio.Transport):
         self._state = _CLOSED
         self._unwatch()
         self._unwatch_write()
+        self._forget_deadline()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

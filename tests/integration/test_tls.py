@@ -117,6 +117,41 @@ def test_stalled_handshake_is_cut(edge: Edge):
         assert time.monotonic() - start < 5
 
 
+def test_each_stalled_handshake_gets_its_own_deadline(edge: Edge, client_ctx):
+    """One timer serves all handshakes (tls/transport.HandshakeDeadlines): a client that
+    stalls later is cut 2 s after its own connect, not at the first one's deadline, and a
+    completed handshake in between is not cut at all."""
+    closed_after: dict[str, float] = {}
+
+    def silent(name: str) -> None:
+        with socket.create_connection(("127.0.0.1", edge.port)) as s:
+            s.settimeout(10)
+            start = time.monotonic()
+            assert s.recv(1) == b""
+            closed_after[name] = time.monotonic() - start
+
+    import threading
+
+    first = threading.Thread(target=silent, args=("first",))
+    first.start()
+    time.sleep(1.0)
+    done = socket.create_connection(("127.0.0.1", edge.port))
+    tls = client_ctx.wrap_socket(done, server_hostname=DOMAINS[0])  # the handshake completes
+    second = threading.Thread(target=silent, args=("second",))
+    second.start()
+    try:
+        first.join(10)
+        assert 1.5 < closed_after["first"] < 3.5
+        # (checked now: from here header_timeout, 2 s, would close it for its lack of request)
+        tls.settimeout(0.2)
+        with pytest.raises(TimeoutError):  # still open: nothing to read, no EOF
+            tls.recv(1)
+        second.join(10)
+        assert 1.5 < closed_after["second"] < 3.5  # cut at the first's deadline, it'd be ~1 s
+    finally:
+        tls.close()
+
+
 def test_garbage_handshake_counts_as_error(edge: Edge):
     """Bytes that are not TLS fail the handshake and are counted as result=error."""
     before = edge.settled_sample("edgeproxy_tls_handshakes_total", result="error")
