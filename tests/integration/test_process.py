@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -207,3 +208,56 @@ async def test_a_request_cut_at_the_drain_deadline_still_gets_its_access_line(
         edge.stop()
     lines = [line for line in edge.access() if line.get("path") == "/general/slow"]
     assert [line["status"] for line in lines] == [499]
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def test_out_of_file_descriptors_pauses_accepting_then_recovers(
+    tmp_path, certs_dir, upstream, chat_upstream, client_ctx, trust_bundle
+):
+    """A worker out of descriptors (EMFILE) stops accepting for a moment instead of spinning
+    on a listener that stays readable, warns once, and serves again once descriptors free
+    up (tls/transport.TLSListener)."""
+    import resource
+
+    edge = Edge(tmp_path, base_config(certs_dir, upstream, chat_upstream, trust_bundle)).start()
+    held: list[socket.socket] = []
+    try:
+        assert (await request(edge.port, HOST, client_ctx, "GET", "/track")).status == 200
+        (pid,) = _worker_pids(edge)
+        limits = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+        in_use = len(os.listdir(f"/proc/{pid}/fd"))
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (in_use + 3, limits[1]))
+        try:
+            # Three take the last descriptors (their handshakes never start); the rest wait
+            # in the backlog, and the listening socket stays readable all along.
+            held = [socket.create_connection(("127.0.0.1", edge.port)) for _ in range(10)]
+            await asyncio.sleep(0.3)
+            before = _cpu_seconds(pid)
+            await asyncio.sleep(1.0)
+            spent = _cpu_seconds(pid) - before
+            assert spent < 0.3, f"the worker spun: {spent:.2f} CPU-s in 1 s"
+            assert edge.stderr().count("accept failed") == 1, edge.stderr()[-2000:]
+            for s in held:  # the edge closes their halves: descriptors come free
+                s.close()
+            held = []
+            deadline = time.monotonic() + 10
+            while True:  # (the backlog's closed connections are accepted and dropped first)
+                try:
+                    r = await request(edge.port, HOST, client_ctx, "GET", "/track", timeout=3)
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(0.2)
+            assert r.status == 200
+            assert edge.proc.poll() is None
+        finally:
+            resource.prlimit(pid, resource.RLIMIT_NOFILE, limits)
+    finally:
+        for s in held:
+            s.close()
+        edge.stop()
