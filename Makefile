@@ -36,15 +36,18 @@ lint: $(BIN)/.compiled
 test: lint
 	$(BIN)/python -m pytest
 
-# On demand: edgeproxy vs nginx on this machine (installs nginx and wrk when missing).
+# On demand: edgeproxy vs nginx on this machine (installs nginx, wrk and valgrind when
+# missing), then the worker's instructions per operation (deterministic, for A/B of builds).
 bench: $(BIN)/.compiled
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/certs_scale.py
+	$(BIN)/python bench/instructions.py
 
 # CI only proves the scripts run; the numbers mean nothing on a busy machine.
 bench-smoke: $(BIN)/.compiled
 	$(BIN)/python bench/run.py --smoke
 	$(BIN)/python bench/certs_scale.py --quick
+	$(BIN)/python bench/instructions.py --smoke
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache .mypy_cache .ruff_cache build
