@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from tests.conftest import DOMAINS, write_bundle
 from tests.integration.conftest import base_config
@@ -211,7 +213,7 @@ async def test_a_request_cut_at_the_drain_deadline_still_gets_its_access_line(
 
 
 def _cpu_seconds(pid: int) -> float:
-    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
@@ -221,8 +223,6 @@ async def test_out_of_file_descriptors_pauses_accepting_then_recovers(
     """A worker out of descriptors (EMFILE) stops accepting for a moment instead of spinning
     on a listener that stays readable, warns once, and serves again once descriptors free
     up (tls/transport.TLSListener)."""
-    import resource
-
     edge = Edge(tmp_path, base_config(certs_dir, upstream, chat_upstream, trust_bundle)).start()
     held: list[socket.socket] = []
     try:

@@ -7,6 +7,7 @@ import hashlib
 import socket
 import ssl
 import subprocess
+import threading
 import time
 
 import pytest
@@ -129,8 +130,6 @@ def test_each_stalled_handshake_gets_its_own_deadline(edge: Edge, client_ctx):
             start = time.monotonic()
             assert s.recv(1) == b""
             closed_after[name] = time.monotonic() - start
-
-    import threading
 
     first = threading.Thread(target=silent, args=("first",))
     first.start()
