@@ -168,8 +168,10 @@ def load_or_make_pki(pki: Path) -> tuple[Issuer, Issuer, list[rsa.RSAPrivateKey]
     inter = Issuer(
         x509.load_pem_x509_certificate(files[2].read_bytes()), _load_key(files[3].read_bytes())
     )
-    keys = [_load_key(b) for b in _split_pem(files[4].read_bytes(), b"-----BEGIN PRIVATE KEY-----")]
-    return root, inter, keys
+    leaf_keys = [
+        _load_key(b) for b in _split_pem(files[4].read_bytes(), b"-----BEGIN PRIVATE KEY-----")
+    ]
+    return root, inter, leaf_keys
 
 
 _GEN: dict[str, Any] = {}  # inherited by the forked generator processes

@@ -395,7 +395,7 @@ def verify_chain(port: int, ca: Path) -> dict[str, Any]:
     ):
         tls.sendall(request(close=True))
         status, _ = read_head(tls)
-        return {"status": status, "version": tls.version(), "cipher": tls.cipher()[0]}
+        return {"status": status, "version": tls.version(), "cipher": (tls.cipher() or ("?",))[0]}
 
 
 def _hs_loop(port: int, seconds: float, resume: bool, seed: int, q: Any) -> None:
@@ -429,7 +429,7 @@ def _hs_loop(port: int, seconds: float, resume: bool, seed: int, q: Any) -> None
                     stats["ok" if status == 204 else f"status_{status}"] += 1
                     stats["resumed" if tls.session_reused else "full"] += 1
                     stats["offered_session"] += session is not None
-                    versions[f"{tls.version()} {tls.cipher()[0]}"] += 1
+                    versions[f"{tls.version()} {(tls.cipher() or ('?',))[0]}"] += 1
                     if resume and tls.session is not None:
                         session = tls.session
                     with suppress(OSError):  # let the server close first (its TIME_WAIT)
@@ -1231,8 +1231,8 @@ def profile(args: argparse.Namespace, work: Path, script: Path) -> None:
             "| % | samples | function (file:line) |",
             "|---:|---:|---|",
         ]
-        for f, n in c.most_common(25):
-            text.append(f"| {100 * n / max(1, samples):.1f} | {n} | `{f}` |")
+        for f, count in c.most_common(25):
+            text.append(f"| {100 * count / max(1, samples):.1f} | {count} | `{f}` |")
         text.append("")
     if args.native:  # which Python code the syscalls / C leaves come from
         callers: Counter[tuple[str, str]] = Counter()
@@ -1249,8 +1249,8 @@ def profile(args: argparse.Namespace, work: Path, script: Path) -> None:
             "| % | native leaf | Python caller |",
             "|---:|---|---|",
         ]
-        for (leaf, py), n in callers.most_common(15):
-            text.append(f"| {100 * n / max(1, samples):.1f} | `{leaf}` | `{py}` |")
+        for (leaf, py), count in callers.most_common(15):
+            text.append(f"| {100 * count / max(1, samples):.1f} | `{leaf}` | `{py}` |")
         text.append("")
     stem = "profile_native" if args.native else "profile"
     OUT.mkdir(exist_ok=True)
