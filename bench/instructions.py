@@ -194,8 +194,7 @@ def measure(root: Path, work: Path, ops: list[str], n: dict[str, int]) -> dict[s
             took = time.monotonic() - t0
             _control("-i", "off", worker)
             _control("-d", worker)
-            dumps = [d for d in _wait_dump(out, worker) if d not in before]
-            objects = by_object(dumps[-1])
+            objects = by_object(_wait_dump(out, worker, before))
             total = sum(objects.values())
             results[op] = {
                 "n": n[op],
@@ -227,13 +226,14 @@ def _control(*args: str | int) -> None:
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def _wait_dump(out: Path, worker: int) -> list[Path]:
+def _wait_dump(out: Path, worker: int, before: set[Path]) -> Path:
+    """The dump callgrind_control -d asked for: the worker's first one not in `before`."""
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        dumps = sorted(out.glob(f"callgrind.{worker}.*"), key=lambda d: d.stat().st_mtime)
-        if dumps and dumps[-1].stat().st_size > 0:
+        new = [d for d in out.glob(f"callgrind.{worker}.*") if d not in before]
+        if new and new[0].stat().st_size > 0:
             time.sleep(0.5)  # (written whole by now)
-            return dumps
+            return new[0]
         time.sleep(0.2)
     raise RuntimeError("callgrind wrote no dump")
 
