@@ -1206,6 +1206,10 @@ class Exchange:
         self._release(abort=abort or not self.req.complete)
         if abort and self.client.transport is not None:
             self.client.transport.abort()
+        # The request and its exchange refer to each other: without this, every forwarded
+        # request (and with it the connection and its TLS object) waits for the cycle
+        # collector, instead of being freed when its last reference goes.
+        self.req.exchange = None
         self.client.finish(
             self.req,
             status,

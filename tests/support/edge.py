@@ -59,8 +59,9 @@ class Edge:
         self.stderr_path = workdir / "edge.stderr"
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 15.0) -> Edge:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEPROXY_")}
+    def start(self, timeout: float = 15.0, env: dict[str, str] | None = None) -> Edge:
+        """Start it as an operator does (`env`: more environment, for test instruments)."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEPROXY_")} | (env or {})
         with self.stdout_path.open("ab") as out, self.stderr_path.open("ab") as err:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "edgeproxy", "serve", "--config", str(self.config_path)],
