@@ -39,7 +39,6 @@ import multiprocessing as mp
 import os
 import platform
 import re
-import selectors
 import shutil
 import socket
 import ssl
@@ -157,9 +156,13 @@ def ensure_tools() -> None:
     missing = [
         t for t in ("nginx", "wrk") if not shutil.which(t) and not Path(f"/usr/sbin/{t}").exists()
     ]
-    if missing:
+    pkgs = ["nginx-light" if t == "nginx" else t for t in missing]
+    if not shutil.which("gcc"):  # bench/openloop.c, scenario 4's client
+        pkgs.append("gcc")
+    if not Path("/usr/include/openssl/ssl.h").exists():
+        pkgs.append("libssl-dev")
+    if pkgs:
         subprocess.run(["apt-get", "update", "-qq"], check=True)
-        pkgs = ["nginx-light" if t == "nginx" else t for t in missing]
         subprocess.run(["apt-get", "install", "-y", "-qq", *pkgs], check=True)
     hosts = Path("/etc/hosts")
     if not re.search(rf"^127\.0\.0\.1\s.*\b{re.escape(HOST)}\b", hosts.read_text(), re.M):
@@ -441,81 +444,6 @@ def _hs_loop(port: int, seconds: float, resume: bool, seed: int, q: Any) -> None
     q.put({"lat": lat, "stats": dict(stats), "versions": dict(versions)})
 
 
-def _rate_loop(
-    port: int,
-    use_tls: bool,
-    rate: float,
-    seconds: float,
-    conns: int,
-    phase: float,
-    q: Any,
-) -> None:
-    """Open loop: request k is due at t0 + k/rate; it goes out on the next idle keep-alive
-    connection; latency = response complete - due time (queueing counts, as in wrk2)."""
-    ctx = client_ctx() if use_tls else None
-    req = request(close=False)
-    socks: list[Any] = []
-    for _ in range(conns):
-        raw = socket.create_connection((LOOP, port), timeout=5)
-        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        s = ctx.wrap_socket(raw, server_hostname=HOST) if ctx else raw
-        s.sendall(req)  # warm the connection (and the proxy's upstream pool)
-        read_head(s)
-        socks.append(s)
-    sel = selectors.DefaultSelector()
-    for i, s in enumerate(socks):
-        sel.register(s, selectors.EVENT_READ, i)
-    idle = list(range(conns))
-    due_of: dict[int, float] = {}
-    bufs = [b""] * conns
-    backlog: list[float] = []
-    lat: list[float] = []
-    stats: Counter[str] = Counter()
-    total = int(rate * seconds)
-    interval = 1.0 / rate
-    t0 = time.perf_counter() + 0.1 + phase * interval
-    k = 0
-    deadline = t0 + seconds + 15
-    max_lag = 0.0
-    while (k < total or backlog or due_of) and time.perf_counter() < deadline:
-        now = time.perf_counter()
-        while k < total and t0 + k * interval <= now:
-            backlog.append(t0 + k * interval)
-            k += 1
-        while backlog and idle:
-            i = idle.pop()
-            due = backlog.pop(0)
-            max_lag = max(max_lag, time.perf_counter() - due)
-            socks[i].sendall(req)
-            due_of[i] = due
-        timeout = 0.05 if backlog or k >= total else max(0.0, t0 + k * interval - now)
-        for key, _ in sel.select(timeout):
-            i = key.data
-            try:
-                data = socks[i].recv(65536)
-            except ssl.SSLWantReadError:
-                continue
-            if not data:
-                stats["closed_by_server"] += 1
-                sel.unregister(socks[i])
-                due_of.pop(i, None)
-                continue
-            bufs[i] += data
-            if b"\r\n\r\n" in bufs[i]:
-                status = int(bufs[i][9:12])
-                bufs[i] = bufs[i].split(b"\r\n\r\n", 1)[1]
-                lat.append(time.perf_counter() - due_of.pop(i))
-                stats["ok" if status == 204 else f"status_{status}"] += 1
-                idle.append(i)
-    elapsed = time.perf_counter() - t0
-    stats["unsent"] = total - k + len(backlog)
-    stats["unanswered"] = len(due_of)
-    for s in socks:
-        with suppress(OSError):
-            s.close()
-    q.put({"lat": lat, "stats": dict(stats), "max_send_lag_ms": max_lag * 1000, "elapsed": elapsed})
-
-
 def pct(values: list[float], p: float) -> float:
     if not values:
         return float("nan")
@@ -582,32 +510,48 @@ def handshake_run(server: dict[str, Any], port: int, args: Any, resume: bool) ->
 
 
 def rate_run(
-    server: dict[str, Any] | None, port: int, use_tls: bool, rate: float, args: Any
+    work: Path, server: dict[str, Any] | None, port: int, use_tls: bool, rate: float, args: Any
 ) -> dict[str, Any]:
-    procs = max(1, int(rate // 2500) + 1)
+    """Scenario 4's open-loop load at `rate` (bench/openloop.c, built by build_openloop)."""
+    # As many keep-alive connections as the Python client of sessions 3-5 kept (8 per
+    # 2,500 req/s), so runs before and after it offer the same concurrency.
+    conns = 8 * (int(rate // 2500) + 1)
 
     def go() -> dict[str, Any]:
-        parts = run_procs(
-            _rate_loop,
-            [(port, use_tls, rate / procs, args.seconds, 8, i / procs) for i in range(procs)],
-            args.seconds + 60,
+        out = work / "latencies.txt"
+        cmd = [
+            str(work / "openloop"),
+            LOOP,
+            str(port),
+            HOST if use_tls else "-",
+            str(work / "ca.pem") if use_tls else "-",
+            str(rate),
+            str(args.seconds),
+            str(conns),
+            str(work / "beacon.http"),
+            str(out),
+        ]
+        done = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=args.seconds + 60, check=True
         )
-        lat = [x for p in parts for x in p["lat"]]
-        stats: Counter[str] = Counter()
-        for p in parts:
-            stats.update(p["stats"])
+        summary = json.loads(done.stdout)
+        lat = [int(x) / 1e9 for x in out.read_text().split()]
+        stats = {
+            k: summary[k]
+            for k in ("ok", "non_204", "unsent", "unanswered", "closed_by_server", "errors")
+        }
         return {
             "target_rps": round(rate, 1),
-            "achieved_rps": round(len(lat) / max(p["elapsed"] for p in parts), 1),
-            "client_procs": procs,
+            "achieved_rps": round(len(lat) / summary["elapsed"], 1),
+            "connections": conns,
             "requests": len(lat),
             "p50_ms": pct(lat, 50) * 1000,
             "p90_ms": pct(lat, 90) * 1000,
             "p99_ms": pct(lat, 99) * 1000,
             "p999_ms": pct(lat, 99.9) * 1000,
             "max_ms": max(lat) * 1000 if lat else float("nan"),
-            "max_send_lag_ms": max(p["max_send_lag_ms"] for p in parts),
-            "stats": dict(stats),
+            "max_send_lag_ms": summary["max_send_lag_ms"],
+            "stats": stats,
         }
 
     if server is None:
@@ -622,10 +566,10 @@ def pinned(proxies: list[dict[str, Any]], others: list[dict[str, Any]]) -> Itera
     """Proxy workers on CPU 0; this script, its load processes and the upstream on CPU 1.
 
     Scenario 4 measures latency the proxy adds, not CPU contention: unpinned, the open-loop
-    clients (Python, ~1 core at 10k req/s) and the upstream take turns with the proxy's
-    worker on 2 cores, and scheduling waits of milliseconds land in the proxy's p99
-    (one unpinned run showed 110 ms at half of edgeproxy's saturation). Both proxies
-    get the same split. Yields False (and pins nothing) on a 1-CPU machine.
+    client and the upstream take turns with the proxy's worker on 2 cores, and scheduling
+    waits of milliseconds land in the proxy's p99 (one unpinned run showed 110 ms at half
+    of edgeproxy's saturation). Both proxies get the same split. Yields False (and pins
+    nothing) on a 1-CPU machine.
     """
     cpus = os.sched_getaffinity(0)
     if len(cpus) < 2 or not {0, 1} <= cpus:
@@ -975,6 +919,14 @@ def setup(work: Path) -> Path:
     return script
 
 
+def build_openloop(work: Path) -> None:
+    """Scenario 4's client (bench/openloop.c) and the request it sends."""
+    (work / "beacon.http").write_bytes(request(close=False))
+    source = ROOT / "bench" / "openloop.c"
+    cmd = ["gcc", "-O2", "-o", str(work / "openloop"), str(source), "-lssl", "-lcrypto"]
+    subprocess.run(cmd, check=True)
+
+
 @contextlib.contextmanager
 def servers(work: Path, profile_only: bool) -> Iterator[dict[str, dict[str, Any]]]:
     certs = work / "certs"
@@ -1046,6 +998,7 @@ def bench(args: argparse.Namespace, work: Path, script: Path) -> dict[str, Any]:
             sc[key] = hs
 
         log("4. latency at half saturation")
+        build_openloop(work)
         e_rate = med(ka["edgeproxy"], "rps") / 2
         n_rate = med(ka["nginx"], "rps") / 2
         lat: dict[str, Any] = {
@@ -1060,15 +1013,15 @@ def bench(args: argparse.Namespace, work: Path, script: Path) -> dict[str, Any]:
         with pinned([e1, n1], [s["upstream"]]) as lat["pinned"]:
             for i in range(args.rounds):
                 lat["direct_at_edge_rate"].append(
-                    rate_run(None, UPSTREAM_PORT, False, e_rate, args)
+                    rate_run(work, None, UPSTREAM_PORT, False, e_rate, args)
                 )
-                lat["edgeproxy"].append(rate_run(e1, EDGE1_PORT, True, e_rate, args))
-                lat["nginx"].append(rate_run(n1, NGINX1_PORT, True, e_rate, args))
+                lat["edgeproxy"].append(rate_run(work, e1, EDGE1_PORT, True, e_rate, args))
+                lat["nginx"].append(rate_run(work, n1, NGINX1_PORT, True, e_rate, args))
                 if not args.smoke:
                     lat["direct_at_nginx_rate"].append(
-                        rate_run(None, UPSTREAM_PORT, False, n_rate, args)
+                        rate_run(work, None, UPSTREAM_PORT, False, n_rate, args)
                     )
-                    lat["nginx_own"].append(rate_run(n1, NGINX1_PORT, True, n_rate, args))
+                    lat["nginx_own"].append(rate_run(work, n1, NGINX1_PORT, True, n_rate, args))
                 log(
                     f"  round {i + 1}: p99 direct "
                     f"{lat['direct_at_edge_rate'][-1]['p99_ms']:.3f} "
@@ -1139,14 +1092,17 @@ def bench(args: argparse.Namespace, work: Path, script: Path) -> dict[str, Any]:
         "offers no PSK); 3 passes the newest session (TLS 1.3 ticket) each time; "
         "`SSLSocket.session_reused` is counted on every connection. Throughput here is bound "
         "by the Python client on this small machine (see worker CPU), per-CPU-s is not.",
-        "4: open-loop client: requests are due at a fixed rate (half the median wrk req/s of "
-        "scenario 1), sent on the next idle one of 8 keep-alive connections per client "
-        "process; latency = response complete - due time, so a request that waits for a "
-        "connection counts its wait (as wrk2's coordinated-omission correction). 'direct' is "
-        "the same client in plain HTTP to the upstream at the same rate; added = proxy - "
-        "direct. Pinned: the proxy's worker alone on CPU 0, the clients (Python) and the "
-        "upstream on CPU 1, for both proxies (unpinned, the clients' CPU time became the "
-        "proxy's queueing). 'proxy worker CPU' is the worker's utilization at that rate: "
+        "4: open-loop client (bench/openloop.c, C and OpenSSL, one process): requests are due "
+        "at a fixed rate (half the median wrk req/s of scenario 1), sent on the next idle one "
+        "of 8 keep-alive connections per 2,500 req/s; latency = response complete - due "
+        "time, so a request that waits for a connection counts its wait (as wrk2's "
+        "coordinated-omission correction). 'direct' is the same client in plain HTTP to the "
+        "upstream at the same rate; added = proxy - direct. Pinned: the proxy's worker alone "
+        "on CPU 0, the client and the upstream on CPU 1, for both proxies (unpinned, the "
+        "client's CPU time became the proxy's queueing). Until session 6 the client was "
+        "Python (7 processes at 15.7k req/s): it kept CPU 1 ~80% busy with TLS and delayed "
+        "its own sends by up to 23 ms, which counted as latency the proxy added. "
+        "'proxy worker CPU' is the worker's utilization at that rate: "
         "open-loop requests arrive a few at a time, so a request costs more than in wrk's "
         "saturated batches and half of wrk's rate is more than half of a core.",
         "5: the same wrk command against an edge with `workers = 2` (SO_REUSEPORT); on this "
