@@ -47,6 +47,7 @@ from edgeproxy.proxy.headers import (
     Header,
     anonymize,
     client_address,
+    direct_forwarding_lines,
     forwarding_headers,
     header_lines,
     is_trusted,
@@ -756,6 +757,9 @@ class ClientConnection:
             return self._forwarding
         settings = self.ctx.settings
         trusted = settings.server.trusted_proxies
+        if not trusted and not settings.policy.anonymize_ip:  # the default
+            self._forwarding = lines = direct_forwarding_lines(self.peer, self.sni.encode())
+            return lines
         lines = header_lines(
             forwarding_headers(
                 req.headers, self.peer, self.sni.encode(), trusted, settings.policy.anonymize_ip
@@ -871,7 +875,7 @@ def _read_head(req: Request, max_body: int) -> None:
         elif kind == _H_UPGRADE and not req.upgrade_to:
             req.upgrade_to = value
     if tokens:
-        named = set(tokens) - HOP_BY_HOP - {b""}
+        named = {t for t in tokens if t and t not in HOP_BY_HOP}
         if named:  # a header named in Connection is hop-by-hop too (RFC 9110 7.6.1)
             req.forward = [(n, v) for n, v in forward if n.lower() not in named]
     if req.content_length is not None and req.content_length > max_body:
@@ -882,9 +886,11 @@ def _host_name(host: bytes) -> str:
     """The host of a Host header, lower-cased, without port or trailing dot."""
     h = host.strip().lower()
     if h.startswith(b"["):
-        h = h[1 : h.find(b"]")] if b"]" in h else h
-    elif b":" in h:
-        h = h.rsplit(b":", 1)[0]
+        end = h.find(b"]")  # (find, not `in`: see routes._MAY_HIDE_A_DOT_SEGMENT)
+        h = h[1:end] if end >= 0 else h
+    else:
+        port = h.rfind(b":")
+        h = h[:port] if port >= 0 else h
     return h.rstrip(b".").decode("latin-1")
 
 
@@ -1263,7 +1269,7 @@ def _upstream_head(
             has_length = True
         out.append((name, value))
     if tokens:
-        named = set(tokens) - HOP_BY_HOP - {b""}
+        named = {t for t in tokens if t and t not in HOP_BY_HOP}
         if named:  # a header named in Connection is hop-by-hop too (RFC 9110 7.6.1)
             out = [(n, v) for n, v in out if n.lower() not in named]
             has_length = any(n.lower() == b"content-length" for n, _ in out)

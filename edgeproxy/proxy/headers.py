@@ -115,6 +115,22 @@ def client_address(headers: Sequence[Header], peer: str, trusted: Sequence[Netwo
     return chain[0] if chain else peer
 
 
+def direct_forwarding_lines(peer: str, host: bytes) -> bytes:
+    """`header_lines(forwarding_headers(headers, peer, host, trusted))` when `peer` is not a
+    trusted proxy and addresses are not anonymized (no incoming chain is kept, so `headers`
+    don't matter), in one format: made for every new connection, ~1/6 of the cost."""
+    return (
+        b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: https\r\nX-Forwarded-Host: %s\r\n"
+        b"Forwarded: for=%s;proto=https;host=%s\r\n"
+        % (
+            peer.encode(),
+            host,
+            _forwarded_node(peer).encode(),
+            host.decode("latin-1").encode(),
+        )
+    )
+
+
 def forwarding_headers(
     headers: Sequence[Header],
     peer: str,

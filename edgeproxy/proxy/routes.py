@@ -11,6 +11,7 @@ Rules:
 from __future__ import annotations
 
 import itertools
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from urllib.parse import unquote_to_bytes
@@ -59,13 +60,19 @@ class RouteTable:
         return None
 
 
+# One search, not three `in` tests: on Python 3.11 `bytes in bytes` first tries the
+# operand as an integer and formats a TypeError it then drops (~2k instructions each).
+_MAY_HIDE_A_DOT_SEGMENT = re.compile(rb"[.%\\]").search
+_BACKSLASH_OR_NUL = re.compile(rb"[\\\x00]").search
+
+
 def is_safe_path(path: bytes) -> bool:
     """True when a raw origin-form path has no dot segment, backslash or NUL, even encoded."""
     if not path.startswith(b"/"):
         return False
-    if b"." not in path and b"%" not in path and b"\\" not in path:
+    if _MAY_HIDE_A_DOT_SEGMENT(path) is None:
         return True  # the common beacon path: nothing to decode
     decoded = unquote_to_bytes(path)
-    if b"\\" in decoded or b"\x00" in decoded:
+    if _BACKSLASH_OR_NUL(decoded) is not None:
         return False
     return not any(seg in (b".", b"..") for seg in decoded.split(b"/"))

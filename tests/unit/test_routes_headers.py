@@ -7,8 +7,8 @@ import ipaddress
 import pytest
 
 from edgeproxy.config import ProxySettings, Route
-from edgeproxy.proxy.forward import Request, _read_head, _upstream_head
-from edgeproxy.proxy.headers import forwarding_headers
+from edgeproxy.proxy.forward import Request, _host_name, _read_head, _upstream_head
+from edgeproxy.proxy.headers import direct_forwarding_lines, forwarding_headers, header_lines
 from edgeproxy.proxy.routes import RouteTable, is_safe_path
 from edgeproxy.proxy.upstream import (
     MAX_HEAD_BYTES,
@@ -69,6 +69,7 @@ def test_round_robin_with_a_different_retry_pool():
         (b"/track/.%2e", False),
         (b"/track/a%5c..%5cb", False),
         (b"/track/%00", False),
+        (b"/track/a\\b", False),
         (b"track", False),
         (b"/track/...", True),
     ],
@@ -221,3 +222,28 @@ def test_a_body_in_the_same_read_as_its_head_is_not_counted_as_head():
     sink, transport = _feed([raw])
     assert (sink.status, sink.done, sink.body == body) == (200, True, True)
     assert sink.lost is None and not transport.aborted
+
+
+@pytest.mark.parametrize("peer", ["203.0.113.9", "2001:db8::1"])
+def test_direct_forwarding_lines_are_the_general_ones(peer):
+    """The per-connection fast path (no trusted proxies, no anonymizing) makes exactly what
+    the general one makes, an incoming chain dropped the same way."""
+    incoming = [(b"X-Forwarded-For", b"6.6.6.6"), (b"Forwarded", b"for=6.6.6.6")]
+    general = header_lines(forwarding_headers(incoming, peer, b"t.example.com", []))
+    assert direct_forwarding_lines(peer, b"t.example.com") == general
+    assert b"6.6.6.6" not in general and peer.encode() in general
+
+
+@pytest.mark.parametrize(
+    ("host", "name"),
+    [
+        (b"T.Example.COM", "t.example.com"),
+        (b"t.example.com.:8443", "t.example.com"),
+        (b" t.example.com:443 ", "t.example.com"),
+        (b"[2001:DB8::1]:443", "2001:db8::1"),
+        (b"[::1]", "::1"),
+        (b"[::1", "[::1"),  # (no closing bracket: left as it is, and matches no SNI name)
+    ],
+)
+def test_host_name_of_a_host_header(host, name):
+    assert _host_name(host) == name
