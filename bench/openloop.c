@@ -18,6 +18,7 @@
 #include <netinet/tcp.h>
 #include <openssl/err.h>
 #include <openssl/ssl.h>
+#include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -31,6 +32,7 @@ typedef struct {
     int fd;
     SSL *ssl;
     int busy;        /* a request is out */
+    int dead;        /* closed by the server: never used again */
     int64_t due;     /* its due time (ns) */
     char buf[8192];  /* response bytes not yet parsed */
     size_t len;
@@ -92,6 +94,7 @@ int main(int argc, char **argv) {
     size_t reqlen;
     const char *req = read_file(argv[8], &reqlen);
     int tls = strcmp(sni, "-") != 0;
+    signal(SIGPIPE, SIG_IGN); /* a write to a connection the server closed: an error, not death */
 
     SSL_CTX *ctx = NULL;
     if (tls) {
@@ -151,6 +154,7 @@ int main(int argc, char **argv) {
         while (k < total && t0 + k * interval <= now) backlog[btail++] = t0 + k++ * interval;
         while (bhead < btail && nidle) {
             conn_t *c = &conns[idle[--nidle]];
+            if (c->dead) continue;
             int64_t due = backlog[bhead++], lag = now_ns() - due;
             if (lag > max_lag) max_lag = lag;
             if (send_all(c, req, reqlen) < 0) {
@@ -190,6 +194,7 @@ int main(int argc, char **argv) {
                 }
                 if (r == 0) { /* closed by the server */
                     closed++;
+                    c->dead = 1;
                     epoll_ctl(ep, EPOLL_CTL_DEL, c->fd, NULL);
                     if (c->busy) { /* its request is lost */
                         outstanding--;
