@@ -8,9 +8,9 @@ the edgeproxy/nginx ratio; medians over the rounds):
    multi-process client; every connection's `session_reused` is counted as proof);
 3. resumed handshakes: the same client, each connection offers the newest TLS 1.3 ticket;
 4. p99 latency the proxy adds at half its saturation rate: an open-loop, rate-limited
-   keep-alive client (latency from each request's *scheduled* send time, so queueing behind
-   a slow response counts, as in wrk2), through the proxy minus straight to the upstream;
-   the proxy's worker pinned to CPU 0, clients and upstream to CPU 1;
+   keep-alive client in C (bench/openloop.c; latency from each request's *scheduled* send
+   time, so queueing behind a slow response counts, as in wrk2), through the proxy minus
+   straight to the upstream; the proxy's worker pinned to CPU 0, client and upstream to CPU 1;
 5. keep-alive efficiency of edgeproxy with `workers = 2` against `workers = 1`;
 6. TLS session resumption across workers (`workers = 2`): a ticket from one connection is
    offered on new connections; each connection's worker is found from /proc (socket inode
@@ -23,8 +23,8 @@ is its own nginx instance, so proxy CPU counts only proxying.
 
 Run: `.venv/bin/python bench/run.py` (full, ~10 min), `--smoke` (< 60 s, proves the script
 works, no thresholds), `--profile` (py-spy of one edgeproxy worker under wrk keep-alive load;
-needs /tmp/pyspy-venv/bin/py-spy). Needs Debian's nginx and wrk (installed with apt-get when
-missing) and maps the bench host to 127.0.0.1 in /etc/hosts (wrk takes SNI from the URL).
+needs /tmp/pyspy-venv/bin/py-spy). Needs Debian's nginx, wrk, gcc and libssl-dev (installed
+with apt-get when missing) and maps the bench host to 127.0.0.1 in /etc/hosts (wrk takes SNI from the URL).
 Writes bench/out/run.{md,json} (smoke: run_smoke.*; profile: profile[_native].{md,txt}).
 Not part of the test suite.
 """
