@@ -24,7 +24,8 @@ is its own nginx instance, so proxy CPU counts only proxying.
 Run: `.venv/bin/python bench/run.py` (full, ~10 min), `--smoke` (< 60 s, proves the script
 works, no thresholds), `--profile` (py-spy of one edgeproxy worker under wrk keep-alive load;
 needs /tmp/pyspy-venv/bin/py-spy). Needs Debian's nginx, wrk, gcc and libssl-dev (installed
-with apt-get when missing) and maps the bench host to 127.0.0.1 in /etc/hosts (wrk takes SNI from the URL).
+with apt-get when missing) and maps the bench host to 127.0.0.1 in /etc/hosts (wrk takes SNI
+from the URL).
 Writes bench/out/run.{md,json} (smoke: run_smoke.*; profile: profile[_native].{md,txt}).
 Not part of the test suite.
 """
