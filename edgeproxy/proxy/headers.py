@@ -118,7 +118,8 @@ def client_address(headers: Sequence[Header], peer: str, trusted: Sequence[Netwo
 def direct_forwarding_lines(peer: str, host: bytes) -> bytes:
     """`header_lines(forwarding_headers(headers, peer, host, trusted))` when `peer` is not a
     trusted proxy and addresses are not anonymized (no incoming chain is kept, so `headers`
-    don't matter), in one format: made for every new connection, ~1/6 of the cost."""
+    don't matter), in one format: made for every new connection, at a quarter of the cost
+    (callgrind: 2.5k instructions against 9.3k)."""
     return (
         b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: https\r\nX-Forwarded-Host: %s\r\n"
         b"Forwarded: for=%s;proto=https;host=%s\r\n"
