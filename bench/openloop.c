@@ -83,6 +83,20 @@ static int send_all(conn_t *c, const char *p, size_t n) {
     return 0;
 }
 
+/* Read into c->buf: bytes read (> 0), 0 when the server closed (or failed), -1 for "nothing
+ * yet" on a non-blocking socket. */
+static int conn_read(conn_t *c) {
+    if (c->ssl) {
+        int r = SSL_read(c->ssl, c->buf + c->len, (int)(sizeof c->buf - c->len));
+        if (r > 0) return r;
+        int err = SSL_get_error(c->ssl, r);
+        return err == SSL_ERROR_WANT_READ || err == SSL_ERROR_WANT_WRITE ? -1 : 0;
+    }
+    int r = (int)recv(c->fd, c->buf + c->len, sizeof c->buf - c->len, 0);
+    if (r >= 0) return r;
+    return errno == EAGAIN || errno == EINTR ? -1 : 0;
+}
+
 int main(int argc, char **argv) {
     if (argc != 10) {
         fprintf(stderr, "usage: openloop HOST PORT SNI|- CAFILE|- RATE SECONDS CONNS REQUEST_FILE LATENCY_FILE\n");
@@ -128,8 +142,7 @@ int main(int argc, char **argv) {
          * warmed, and a TLS 1.3 server's tickets read. */
         if (send_all(c, req, reqlen) < 0) die("warm-up request");
         while (!memmem(c->buf, c->len, "\r\n\r\n", 4)) {
-            int r = c->ssl ? SSL_read(c->ssl, c->buf + c->len, (int)(sizeof c->buf - c->len))
-                           : (int)recv(c->fd, c->buf + c->len, sizeof c->buf - c->len, 0);
+            int r = conn_read(c); /* (still blocking here) */
             if (r <= 0 || c->len + (size_t)r >= sizeof c->buf) die("warm-up response");
             c->len += (size_t)r;
         }
@@ -179,19 +192,8 @@ int main(int argc, char **argv) {
             int i = (int)events[e].data.u32;
             conn_t *c = &conns[i];
             for (;;) {
-                int r;
-                if (c->ssl) {
-                    r = SSL_read(c->ssl, c->buf + c->len, (int)(sizeof c->buf - c->len));
-                    if (r <= 0) {
-                        int err = SSL_get_error(c->ssl, r);
-                        if (err == SSL_ERROR_WANT_READ || err == SSL_ERROR_WANT_WRITE) break;
-                        r = 0;
-                    }
-                } else {
-                    r = (int)recv(c->fd, c->buf + c->len, sizeof c->buf - c->len, 0);
-                    if (r < 0 && (errno == EAGAIN || errno == EINTR)) break;
-                    if (r < 0) r = 0;
-                }
+                int r = conn_read(c);
+                if (r < 0) break; /* nothing more for now */
                 if (r == 0) { /* closed by the server */
                     closed++;
                     c->dead = 1;
