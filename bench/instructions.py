@@ -17,10 +17,15 @@ costs far more time than one of OpenSSL's: perf put the worker's instructions pe
 so Python's share of the count is much smaller than its share of CPU time. Use it to
 compare builds, and bench/run.py for what it is worth against nginx.
 
+nginx (Debian's, one process: `master_process off`) is counted the same way, last, as the
+reference: it shows what the edge executes beyond the same OpenSSL work (the two
+libcrypto counts should match to ~1%).
+
 Usage (needs Debian's valgrind, installed with apt-get when missing; ~1 min per build):
   bench/instructions.py                         this checkout, 300 connections / 2,000 beacons
   bench/instructions.py --root /tmp/old --root .   two builds, e.g. a `git worktree` of main
   bench/instructions.py --smoke                 a few operations: proves the script runs
+  bench/instructions.py --no-nginx              without the nginx reference
 A --root must be a checkout with its beacon path built as `make` builds it (or none at all,
 for plain Python); the script says which it ran.
 """
@@ -43,7 +48,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import children, cleanup, interrupt_on_sigterm, log, spawn  # noqa: E402
+from common import children, cleanup, interrupt_on_sigterm, log, nginx_bin, spawn  # noqa: E402
 from run import (  # noqa: E402
     HOST,
     LOOP,
@@ -52,10 +57,12 @@ from run import (  # noqa: E402
     client_ctx,
     edge_config,
     http_get,
+    nginx_conf,
     read_head,
     request,
     setup,
     start_nginx,
+    tls_proxy_body,
 )
 
 EDGE_PORT = 18448
@@ -115,14 +122,43 @@ class Client:
             self.connection(resume=op == "resumed")
 
 
+NGINX = Path("nginx")
+"""Stands for the nginx reference among the --root checkouts."""
+
+VALGRIND = [
+    "valgrind",
+    "--tool=callgrind",
+    "--trace-children=yes",
+    "--instr-atstart=no",
+]
+
+
+def start_nginx_counted(work: Path, out: Path) -> tuple[subprocess.Popen[bytes], int]:
+    """nginx as bench/run.py configures it, one process, under callgrind with counting off."""
+    body = tls_proxy_body(EDGE_PORT, work / "certs", False)
+    conf = nginx_conf(work, "nginx-counted", 1, body)
+    # One process: the worker is the process callgrind starts (no master to fork it).
+    conf.write_text("master_process off;\n" + conf.read_text())
+    (work / "nginx-counted-tmp").mkdir(exist_ok=True)
+    cmd = [*VALGRIND, f"--callgrind-out-file={out}/callgrind.%p", nginx_bin(), "-c", str(conf)]
+    p = spawn(cmd, out / "valgrind.log")
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if p.poll() is not None:
+            raise RuntimeError(f"nginx under valgrind exited; see {out}/valgrind.log")
+        try:
+            socket.create_connection((LOOP, EDGE_PORT), timeout=5).close()
+            return p, p.pid
+        except OSError:
+            time.sleep(0.5)
+    raise RuntimeError("nginx under valgrind not listening in 120 s")
+
+
 def start_edge(work: Path, root: Path, out: Path) -> tuple[subprocess.Popen[bytes], int]:
     """The edge of checkout `root`, under callgrind with counting off; returns its worker."""
     config = edge_config(work, "edge", EDGE_PORT, METRICS_PORT, 1)
     cmd = [
-        "valgrind",
-        "--tool=callgrind",
-        "--trace-children=yes",
-        "--instr-atstart=no",
+        *VALGRIND,
         f"--callgrind-out-file={out}/callgrind.%p",
         sys.executable,
         "-m",
@@ -175,10 +211,16 @@ def by_object(dump: Path) -> Counter[str]:
 
 def measure(root: Path, work: Path, ops: list[str], n: dict[str, int]) -> dict[str, object]:
     out = Path(tempfile.mkdtemp(prefix="callgrind-", dir=work))
-    built = (root / "edgeproxy" / "_build.py").exists()
-    log(f"{root}: starting the edge under callgrind ({'compiled' if built else 'plain Python'})")
-    p, worker = start_edge(work, root, out)
-    results: dict[str, object] = {"root": str(root), "compiled": built}
+    if root == NGINX:
+        log("nginx (reference): starting it under callgrind")
+        p, worker = start_nginx_counted(work, out)
+        results: dict[str, object] = {"root": "nginx", "compiled": None}
+    else:
+        built = (root / "edgeproxy" / "_build.py").exists()
+        how = "compiled" if built else "plain Python"
+        log(f"{root}: starting the edge under callgrind ({how})")
+        p, worker = start_edge(work, root, out)
+        results = {"root": str(root), "compiled": built}
     client = Client()
     try:
         for op in ops:
@@ -248,9 +290,18 @@ def report(results: list[dict[str, object]], ops: list[str]) -> str:
             v = r[op]["per_op"]  # type: ignore[index]
             b = base[op]["per_op"]  # type: ignore[index]
             cells.append(f"{v / 1e3:,.1f}k" + ("" if r is base else f" ({v / b - 1:+.2%})"))
-        tag = "compiled" if r["compiled"] else "plain Python"
+        tag = {None: "reference", True: "compiled", False: "plain Python"}[r["compiled"]]  # type: ignore[index]
         lines.append(f"| {r['root']} ({tag}) | " + " | ".join(cells) + " |")
     lines.append("")
+    ref = next((r for r in results if r["compiled"] is None), None)
+    for r in results:
+        if ref is None or r is ref:
+            continue
+        extra = ", ".join(
+            f"{op} {(r[op]['per_op'] - ref[op]['per_op']) / 1e3:+,.1f}k"  # type: ignore[index]
+            for op in ops
+        )
+        lines.append(f"- {r['root']} executes beyond nginx, per operation: {extra}")
     for r in results:
         for op in ops:
             parts = ", ".join(
@@ -268,6 +319,7 @@ def main() -> int:
     ap.add_argument("-n", type=int, default=300, help="connections per connection operation")
     ap.add_argument("--beacons", type=int, default=2000, help="keep-alive beacons")
     ap.add_argument("--smoke", action="store_true", help="a few operations: proves it runs")
+    ap.add_argument("--no-nginx", action="store_true", help="skip the nginx reference")
     args = ap.parse_args()
     ops = [op for op in args.ops.split(",") if op]
     if unknown := set(ops) - set(OPS):
@@ -276,6 +328,8 @@ def main() -> int:
     if args.smoke:
         n = {"resumed": 5, "full": 3, "keepalive": 20}
     roots = [r.resolve() for r in (args.root or [ROOT])]
+    if not args.no_nginx:
+        roots.append(NGINX)
     interrupt_on_sigterm()
     ensure_valgrind()
     work = Path(tempfile.mkdtemp(prefix="edgeproxy-instructions-"))
