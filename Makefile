@@ -48,6 +48,7 @@ bench-smoke: $(BIN)/.compiled
 	$(BIN)/python bench/run.py --smoke
 	$(BIN)/python bench/certs_scale.py --quick
 	$(BIN)/python bench/instructions.py --smoke
+	$(BIN)/python bench/cpu_by_object.py --smoke
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache .mypy_cache .ruff_cache build

@@ -18,8 +18,9 @@ Usage (needs perf: Debian's linux-perf, installed with apt-get when missing; ~1 
 operation):
   bench/cpu_by_object.py                        resumed, full and keepalive
   bench/cpu_by_object.py --ops resumed --seconds 20
-Writes bench/out/cpu_by_object.md. Not part of `make bench`: perf's sampling adds a few
-percent to both servers, so its per-operation times are not bench/run.py's.
+  bench/cpu_by_object.py --smoke                resumed only, 5 s: proves the script runs (CI)
+Writes bench/out/cpu_by_object.md (cpu_by_object_smoke.md). Not part of `make bench`:
+perf's sampling adds a few percent to both servers, so its times are not bench/run.py's.
 """
 
 from __future__ import annotations
@@ -135,7 +136,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--ops", default=",".join(OPS), help=f"comma-separated, of {', '.join(OPS)}")
     ap.add_argument("--seconds", type=float, default=10.0, help="load per operation and server")
+    ap.add_argument("--smoke", action="store_true", help="resumed only, 5 s: proves it runs")
     args = ap.parse_args()
+    if args.smoke:
+        args.ops, args.seconds = "resumed", 5.0
     ops = [op for op in args.ops.split(",") if op]
     if unknown := set(ops) - set(OPS):
         ap.error(f"unknown operations: {', '.join(sorted(unknown))}")
@@ -170,7 +174,7 @@ def main() -> int:
         cleanup()
     text = report(results, ops)
     OUT.mkdir(exist_ok=True)
-    (OUT / "cpu_by_object.md").write_text(text + "\n")
+    (OUT / f"cpu_by_object{'_smoke' if args.smoke else ''}.md").write_text(text + "\n")
     print(text)
     return 0
 
