@@ -10,7 +10,7 @@ the worker's CPU time from /proc.
 What it showed (session 7, resumed handshakes): both servers spend the same ~240 us in
 libcrypto and ~150 us in the kernel; edgeproxy spends ~130 us in libpython, the compiled
 beacon path, uvloop and httptools, where nginx's own code takes ~24 us. That Python side
-executes ~140k instructions per connection (bench/instructions.py): about one instruction
+executes ~130k instructions per connection (bench/instructions.py): about one instruction
 per nanosecond, against ~9 in libcrypto, because the interpreter's code and data are cold
 after each handshake.
 
@@ -41,16 +41,15 @@ from common import cleanup, interrupt_on_sigterm, log  # noqa: E402
 from run import (  # noqa: E402
     EDGE1_METRICS,
     EDGE1_PORT,
-    LOOP,
     NGINX1_PORT,
     OUT,
-    UPSTREAM_PORT,
     handshake_run,
     keepalive_run,
     pinned,
     setup,
     start_edge,
     start_nginx,
+    start_upstream,
     tls_proxy_body,
 )
 
@@ -82,10 +81,12 @@ def by_object(data: Path) -> dict[str, float]:
     return shares
 
 
-def measure(server: dict[str, Any], port: int, op: str, args: Any, script: Path, work: Path) -> Any:
+def measure(
+    server: dict[str, Any], port: int, op: str, args: Any, script: Path, work: Path
+) -> dict[str, Any]:
     """Run `op` against `server` while perf samples its worker; us per op by object."""
     data = work / f"perf-{server['name']}-{op}.data"
-    window = max(1.0, args.seconds - 4)
+    window = max(1.0, args.seconds - 4)  # (clear of the load's start and end)
     perf = subprocess.Popen(
         [
             "bash",
@@ -150,13 +151,7 @@ def main() -> int:
     script = setup(work)
     results: dict[str, dict[str, Any]] = {}
     try:
-        upstream = start_nginx(
-            work,
-            "upstream",
-            1,
-            f"server {{ listen {LOOP}:{UPSTREAM_PORT}; keepalive_requests 1000000;\n"
-            "           location / { return 204; } }",
-        )
+        upstream = start_upstream(work)
         servers = [
             (start_edge(work, "edgeproxy", EDGE1_PORT, EDGE1_METRICS, 1), EDGE1_PORT),
             (

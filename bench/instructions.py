@@ -53,7 +53,6 @@ from run import (  # noqa: E402
     HOST,
     LOOP,
     ROOT,
-    UPSTREAM_PORT,
     client_ctx,
     edge_config,
     http_get,
@@ -61,7 +60,7 @@ from run import (  # noqa: E402
     read_head,
     request,
     setup,
-    start_nginx,
+    start_upstream,
     tls_proxy_body,
 )
 
@@ -336,13 +335,7 @@ def main() -> int:
     setup(work)
     results = []
     try:
-        start_nginx(
-            work,
-            "upstream",
-            1,
-            f"server {{ listen {LOOP}:{UPSTREAM_PORT}; keepalive_requests 1000000;\n"
-            "           location / { return 204; } }",
-        )
+        start_upstream(work)
         for root in roots:
             results.append(measure(root, work, ops, n))
     finally:

@@ -221,6 +221,17 @@ def start_nginx(work: Path, name: str, workers: int, body: str) -> dict[str, Any
     return {"name": name, "proc": p, "workers": children(p.pid), "other": [p.pid]}
 
 
+def start_upstream(work: Path) -> dict[str, Any]:
+    """The fixed upstream every scenario forwards to: nginx answering 204, keep-alive."""
+    return start_nginx(
+        work,
+        "upstream",
+        1,
+        f"server {{ listen {LOOP}:{UPSTREAM_PORT}; keepalive_requests 1000000;\n"
+        "           location / { return 204; } }",
+    )
+
+
 def start_relay(work: Path) -> dict[str, Any]:
     """bench/relay.py: a bare relay on uvloop's TLS (no HTTP), see its docstring."""
     folder = work / "certs" / HOST
@@ -933,13 +944,7 @@ def servers(work: Path, profile_only: bool) -> Iterator[dict[str, dict[str, Any]
     certs = work / "certs"
     s: dict[str, dict[str, Any]] = {}
     try:
-        s["upstream"] = start_nginx(
-            work,
-            "upstream",
-            1,
-            f"server {{ listen {LOOP}:{UPSTREAM_PORT}; keepalive_requests 1000000;\n"
-            "           location / { return 204; } }",
-        )
+        s["upstream"] = start_upstream(work)
         s["edge1"] = start_edge(work, "edge1", EDGE1_PORT, EDGE1_METRICS, 1)
         if not profile_only:
             s["nginx1"] = start_nginx(work, "nginx1", 1, tls_proxy_body(NGINX1_PORT, certs, False))
