@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import hashlib
+import math
 import warnings
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
@@ -27,8 +28,8 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.x509 import DNSName
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -42,7 +43,6 @@ from cryptography.x509.verification import (
 
 from edgeproxy.errors import CertificateError
 
-_PROOF = b"edgeproxy: this key signs for the certificate it came with"
 MAX_FULLCHAIN_BYTES = 65536
 MAX_KEY_BYTES = 16384
 EXPIRY_WARNING_DAYS = 60
@@ -318,8 +318,8 @@ class _Validation:
             return
         try:
             # OpenSSL's full RSA key check (primality of p and q) costs ~40 ms a key, which
-            # at 100k domains is over an hour; _check_key's sign-and-verify round trip proves
-            # the same thing that matters here: the parts fit and match the certificate.
+            # at 100k domains is over an hour; _check_key proves what matters here: the
+            # parts fit together and match the certificate.
             key = serialization.load_pem_private_key(
                 data, password=None, unsafe_skip_rsa_key_validation=True
             )
@@ -434,10 +434,7 @@ class _Validation:
                 hint="upload the key the certificate was issued for",
             )
             return
-        try:
-            proof = self.key.sign(_PROOF, padding.PKCS1v15(), hashes.SHA256())
-            leaf_key.verify(proof, _PROOF, padding.PKCS1v15(), hashes.SHA256())
-        except (InvalidSignature, ValueError):
+        if not _parts_fit(self.key):
             self.error(
                 KeyRejected,
                 f"{self.key_file}: the key is damaged (its parts don't fit together)",
@@ -492,6 +489,28 @@ class _Validation:
             sans=self.sans,
             served_pem=served,
         )
+
+
+def _parts_fit(key: rsa.RSAPrivateKey) -> bool:
+    """The private parts fit together: n = pq, and d and the CRT values are inverses of e
+    (OpenSSL's pairwise and CRT checks, without the primality tests of p and q).
+
+    Arithmetic on the numbers, ~0.02 ms; the sign-and-verify round trip it replaces cost
+    ~0.5 ms, 60% of a validation. It is also stricter: OpenSSL checks each signature and
+    redoes a wrong one without CRT, so a key with one bad CRT part signed correctly, passed
+    the round trip, and would have made every full handshake's signature ~9x as costly
+    (2.3 vs 0.25 ms here).
+    """
+    nums = key.private_numbers()
+    p, q, n, e = nums.p, nums.q, nums.public_numbers.n, nums.public_numbers.e
+    if p < 3 or q < 3 or p * q != n:
+        return False
+    return (
+        (e * nums.d) % math.lcm(p - 1, q - 1) == 1
+        and (e * nums.dmp1) % (p - 1) == 1
+        and (e * nums.dmq1) % (q - 1) == 1
+        and (q * nums.iqmp) % p == 1
+    )
 
 
 def _is_ca(cert: x509.Certificate) -> bool:

@@ -237,21 +237,24 @@ def test_verdict_repr_never_shows_key_material(intermediate, roots):
     assert serialization  # imported for key formats above
 
 
-def test_damaged_key_is_refused(intermediate, roots):
-    """A key whose private parts don't fit (full RSA validation is skipped for speed) is
-    caught by the sign-and-verify round trip. (OpenSSL repairs a bad CRT part by itself, so
-    the damage that matters is one it can't: here both d and a CRT exponent.)"""
+@pytest.mark.parametrize(
+    "damage",
+    [
+        {"d": 2, "dmp1": 2},  # signs wrongly
+        {"dmp1": 2},  # signs right only because OpenSSL redoes each signature without CRT
+        {"iqmp": 4},
+    ],
+)
+def test_damaged_key_is_refused(intermediate, roots, damage):
+    """A key whose private parts don't fit (full RSA validation, with its primality tests,
+    is skipped for speed) is refused, even where OpenSSL would still sign with it: a bad
+    CRT part costs every signature ~9x."""
     leaf = intermediate.issue_cert(DOMAIN, key_type=RSA)
     key = serialization.load_pem_private_key(leaf.private_key_pem.bytes(), None)
     n = key.private_numbers()  # type: ignore[union-attr]
-    bad = rsa.RSAPrivateNumbers(
-        p=n.p,
-        q=n.q,
-        d=n.d ^ 2,
-        dmp1=n.dmp1 ^ 2,
-        dmq1=n.dmq1,
-        iqmp=n.iqmp,
-        public_numbers=n.public_numbers,
-    ).private_key(unsafe_skip_rsa_key_validation=True)
+    parts = {k: getattr(n, k) ^ damage.get(k, 0) for k in ("p", "q", "d", "dmp1", "dmq1", "iqmp")}
+    bad = rsa.RSAPrivateNumbers(**parts, public_numbers=n.public_numbers).private_key(
+        unsafe_skip_rsa_key_validation=True
+    )
     v = _check(_bundle(leaf, key=key_pem(bad)), roots)
     _only(v, KeyRejected, "the key is damaged")
