@@ -12,19 +12,22 @@ Rules:
   restart re-validates only what changed while the edge was down.
 
 Theory of operation: `changed()` compares the source's cheap version listing with the index;
-`refresh(domain)` reads, validates and publishes one domain. Both run in a thread (they do
-file I/O and RSA work); a lock guards the entries they share with the metrics collector.
+`refresh(domain)` reads, validates and publishes one domain; `refresh_many(domains)` does a
+batch (a start, a rescan) and makes it durable with one filesystem sync. All run in a thread
+(they do file I/O and RSA work); a lock guards the entries they share with the metrics
+collector.
 """
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import itertools
 import json
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -257,7 +260,27 @@ class CertRegistry:
         with self._refreshing:
             return self._refresh(domain)
 
-    def _refresh(self, domain: str) -> str:
+    def refresh_many(self, domains: Sequence[str]) -> list[str]:
+        """`refresh` for each of `domains`, made durable together by one syncfs(2) instead of
+        an fsync per served file (fsyncs were a third of a first start's time).
+
+        Each file is published (renamed into place) before that sync: a power cut in between
+        can leave one empty. The index that would vouch for it is saved only afterwards
+        (reload.SAVE_DELAY), so a restart finds the domain unvalidated or at an older
+        version, validates it again and rewrites the file.
+        """
+        if len(domains) == 1:
+            return [self.refresh(domains[0])]
+        outcomes = []
+        try:
+            for domain in domains:
+                with self._refreshing:  # held per domain: a swap need not wait for the batch
+                    outcomes.append(self._refresh(domain, durable=False))
+        finally:
+            sync_filesystem(self.served_dir)
+        return outcomes
+
+    def _refresh(self, domain: str, durable: bool = True) -> str:
         try:
             bundle = self.source.read(domain)
         except InFlight:
@@ -301,7 +324,7 @@ class CertRegistry:
                 return "inflight"  # read again shortly (reload.py retries every 0.1 s)
             return self._reject(domain, bundle.version, verdict, now)
         self._mismatch_since.pop(domain, None)
-        atomic_write(self.served_dir / f"{domain}{SERVED_SUFFIX}", verdict.served_pem)
+        atomic_write(self.served_dir / f"{domain}{SERVED_SUFFIX}", verdict.served_pem, durable)
         now = time.time()  # published: workers' sync times are compared with this
         assert verdict.not_after is not None and verdict.cert_sha256 and verdict.spki_sha256
         served = Served(
@@ -403,8 +426,9 @@ def _add_key_user(key_users: dict[str, tuple[str, ...]], spki: str, domain: str)
         key_users[spki] = (*users, domain)
 
 
-def atomic_write(path: Path, data: bytes | Iterable[bytes]) -> None:
-    """temp file in the same folder (mode 0600) + fsync + rename: readers see old or new."""
+def atomic_write(path: Path, data: bytes | Iterable[bytes], durable: bool = True) -> None:
+    """temp file in the same folder (mode 0600) + fsync + rename: readers see old or new.
+    `durable=False`: no fsync, the caller syncs (see CertRegistry.refresh_many)."""
     tmp = path.with_name(f".tmp-{os.getpid()}-{threading.get_ident()}-{path.name}.part")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
@@ -414,11 +438,30 @@ def atomic_write(path: Path, data: bytes | Iterable[bytes]) -> None:
             else:
                 f.writelines(data)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         _unlink(tmp)
         raise
+
+
+_LIBC = ctypes.CDLL(None, use_errno=True)
+
+
+def sync_filesystem(folder: Path) -> None:
+    """Flush the filesystem that holds `folder` (syncfs(2); os.sync() where libc lacks it)."""
+    syncfs = getattr(_LIBC, "syncfs", None)
+    if syncfs is None:
+        os.sync()
+        return
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"syncfs {folder}: {os.strerror(err)}")
+    finally:
+        os.close(fd)
 
 
 def _unlink(path: Path) -> None:

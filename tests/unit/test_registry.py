@@ -113,6 +113,41 @@ def test_a_shared_key_on_disk_is_served_with_a_warning(tmp_path, intermediate, r
     assert "already registered for t.a.test" in caplog.text
 
 
+def test_a_batch_is_refreshed_in_order_and_synced_once(tmp_path, intermediate, roots, monkeypatch):
+    """A start or rescan refreshes in batches: each domain's outcome, in the order asked, and
+    one filesystem sync for the batch instead of an fsync per served file."""
+    import edgeproxy.tls.registry as registry_module
+
+    reg = _registry(tmp_path, roots)
+    for d in ("t.a.test", "t.c.test"):
+        write_bundle(tmp_path / "certs", d, intermediate)
+    (tmp_path / "certs" / "t.b.test").mkdir()  # registered, no files yet
+    bad = tmp_path / "certs" / "t.d.test"
+    bad.mkdir()
+    (bad / "fullchain.pem").write_text("not a certificate")
+    (bad / "privkey.pem").write_text("not a key")
+    syncs: list[Path] = []
+    fsyncs: list[int] = []
+    real_sync = registry_module.sync_filesystem
+
+    def counted_sync(folder: Path) -> None:
+        syncs.append(folder)
+        real_sync(folder)
+
+    monkeypatch.setattr(registry_module, "sync_filesystem", counted_sync)
+    monkeypatch.setattr(registry_module.os, "fsync", lambda fd: fsyncs.append(fd))
+
+    domains = ["t.d.test", "t.c.test", "t.b.test", "t.a.test", "t.gone.test"]
+    assert reg.refresh_many(domains) == ["rejected", "loaded", "registered", "loaded", "unchanged"]
+    assert syncs == [reg.served_dir] and fsyncs == []
+    served = sorted(p.name for p in reg.served_dir.iterdir())
+    assert served == ["t.a.test.pem", "t.c.test.pem"]
+    # one domain (a swap): published with its own fsync, as before
+    write_bundle(tmp_path / "certs", "t.a.test", intermediate)
+    assert reg.refresh_many(["t.a.test"]) == ["loaded"]
+    assert len(syncs) == 1 and len(fsyncs) == 1
+
+
 def _saved(tmp_path: Path, roots, intermediate) -> CertRegistry:
     """A registry that validated t.a.test and t.b.test and saved its index."""
     reg = _registry(tmp_path, roots)
