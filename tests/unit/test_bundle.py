@@ -218,6 +218,17 @@ def test_key_reused_by_another_domain(intermediate, roots):
     assert on_disk.ok and "already registered for t.first.test" in on_disk.warnings[0]
 
 
+def test_a_key_shared_by_many_names_three_and_counts_the_rest(intermediate, roots):
+    leaf = intermediate.issue_cert(DOMAIN, key_type=RSA)
+    fp = spki_sha256(x509.load_pem_x509_certificate(leaf.cert_chain_pems[0].bytes()))
+    users = (*(f"t.d{i}.test" for i in range(5)), DOMAIN)  # its own earlier version too
+    v = _check(_bundle(leaf), roots, key_users={fp: users}, enforce_unique_key=False)
+    assert v.ok
+    assert v.warnings[0].endswith(
+        "the same key is already registered for t.d0.test, t.d1.test, t.d2.test and 2 more"
+    )
+
+
 def test_every_violation_is_reported(intermediate, roots):
     """A wildcard, expired certificate with an EC key yields all three errors at once."""
     leaf = intermediate.issue_cert(
