@@ -226,6 +226,9 @@ class CertRegistry:
         with self._lock:
             entries = list(self.entries.values())
             self.dirty = False
+        # Every served file these entries vouch for is on disk before the index is: a batch
+        # publishes without fsync (refresh_many), and may still be running.
+        sync_filesystem(self.served_dir)
         rows = (json.dumps(e.row(), separators=(",", ":")).encode() + b"\n" for e in entries)
         # Streamed to the file: at 100k domains the whole index in memory was ~55 MB more.
         atomic_write(self.index_file, itertools.chain([b'{"version":%d}\n' % INDEX_VERSION], rows))
@@ -265,9 +268,9 @@ class CertRegistry:
         an fsync per served file (fsyncs were a third of a first start's time).
 
         Each file is published (renamed into place) before that sync: a power cut in between
-        can leave one empty. The index that would vouch for it is saved only afterwards
-        (reload.SAVE_DELAY), so a restart finds the domain unvalidated or at an older
-        version, validates it again and rewrites the file.
+        can leave one empty. The index never vouches for such a file (`save` syncs before
+        it writes), so a restart finds the domain unvalidated or at an older version,
+        validates it again and rewrites the file.
         """
         if len(domains) == 1:
             return [self.refresh(domains[0])]

@@ -115,7 +115,8 @@ def test_a_shared_key_on_disk_is_served_with_a_warning(tmp_path, intermediate, r
 
 def test_a_batch_is_refreshed_in_order_and_synced_once(tmp_path, intermediate, roots, monkeypatch):
     """A start or rescan refreshes in batches: each domain's outcome, in the order asked, and
-    one filesystem sync for the batch instead of an fsync per served file."""
+    one filesystem sync for the batch instead of an fsync per served file. The index is
+    written only after a sync: it never vouches for a served file that isn't on disk."""
     import edgeproxy.tls.registry as registry_module
 
     reg = _registry(tmp_path, roots)
@@ -126,12 +127,12 @@ def test_a_batch_is_refreshed_in_order_and_synced_once(tmp_path, intermediate, r
     bad.mkdir()
     (bad / "fullchain.pem").write_text("not a certificate")
     (bad / "privkey.pem").write_text("not a key")
-    syncs: list[Path] = []
+    syncs: list[tuple[Path, bool]] = []
     fsyncs: list[int] = []
     real_sync = registry_module.sync_filesystem
 
     def counted_sync(folder: Path) -> None:
-        syncs.append(folder)
+        syncs.append((folder, reg.index_file.exists()))
         real_sync(folder)
 
     monkeypatch.setattr(registry_module, "sync_filesystem", counted_sync)
@@ -139,13 +140,15 @@ def test_a_batch_is_refreshed_in_order_and_synced_once(tmp_path, intermediate, r
 
     domains = ["t.d.test", "t.c.test", "t.b.test", "t.a.test", "t.gone.test"]
     assert reg.refresh_many(domains) == ["rejected", "loaded", "registered", "loaded", "unchanged"]
-    assert syncs == [reg.served_dir] and fsyncs == []
+    assert syncs == [(reg.served_dir, False)] and fsyncs == []
     served = sorted(p.name for p in reg.served_dir.iterdir())
     assert served == ["t.a.test.pem", "t.c.test.pem"]
     # one domain (a swap): published with its own fsync, as before
     write_bundle(tmp_path / "certs", "t.a.test", intermediate)
     assert reg.refresh_many(["t.a.test"]) == ["loaded"]
     assert len(syncs) == 1 and len(fsyncs) == 1
+    reg.save()
+    assert syncs[1] == (reg.served_dir, False) and reg.index_file.exists()
 
 
 def _saved(tmp_path: Path, roots, intermediate) -> CertRegistry:
