@@ -27,7 +27,7 @@ INFLIGHT_RETRIES = 20
 INFLIGHT_DELAY = 0.1
 BATCH = 256
 """Domains refreshed per trip off the event loop, made durable by one filesystem sync (see
-CertRegistry.refresh_many). A stop waits for one batch at most (~0.2 s)."""
+CertRegistry.refresh_many). A stop waits for one batch at most (~0.2 s, and that sync)."""
 
 
 RECHECK_AFTER = (0.3, 1.5)

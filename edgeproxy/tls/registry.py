@@ -264,13 +264,14 @@ class CertRegistry:
             return self._refresh(domain)
 
     def refresh_many(self, domains: Sequence[str]) -> list[str]:
-        """`refresh` for each of `domains`, made durable together by one syncfs(2) instead of
-        an fsync per served file (fsyncs were a third of a first start's time).
+        """`refresh` for each of `domains`; the new served files are made durable together,
+        by one syncfs(2) instead of an fsync each (fsyncs were a third of a first start).
 
-        Each file is published (renamed into place) before that sync: a power cut in between
-        can leave one empty. The index never vouches for such a file (`save` syncs before
-        it writes), so a restart finds the domain unvalidated or at an older version,
-        validates it again and rewrites the file.
+        A new file is published (renamed into place) before that sync, so a power cut in
+        between can leave it empty. The index never vouches for such a file (`save` syncs
+        before it writes): the restart finds the domain unvalidated and rewrites its file
+        first thing, and until then (seconds) that domain, added just before the cut, fails
+        its handshakes. A file that replaces a served one keeps its fsync (see `_refresh`).
         """
         if len(domains) == 1:
             return [self.refresh(domains[0])]
@@ -327,7 +328,10 @@ class CertRegistry:
                 return "inflight"  # read again shortly (reload.py retries every 0.1 s)
             return self._reject(domain, bundle.version, verdict, now)
         self._mismatch_since.pop(domain, None)
-        atomic_write(self.served_dir / f"{domain}{SERVED_SUFFIX}", verdict.served_pem, durable)
+        served_file = self.served_dir / f"{domain}{SERVED_SUFFIX}"
+        # A batch leaves out the fsync only for a new file. One that replaces a served bundle
+        # is synced before its rename: after a power cut, the old bundle or the new one.
+        atomic_write(served_file, verdict.served_pem, durable or served_file.exists())
         now = time.time()  # published: workers' sync times are compared with this
         assert verdict.not_after is not None and verdict.cert_sha256 and verdict.spki_sha256
         served = Served(
@@ -453,7 +457,9 @@ _LIBC = ctypes.CDLL(None, use_errno=True)
 
 
 def sync_filesystem(folder: Path) -> None:
-    """Flush the filesystem that holds `folder` (syncfs(2); os.sync() where libc lacks it)."""
+    """Flush the filesystem that holds `folder`: syncfs(2) on Linux, which the edge needs
+    anyway (inotify); os.sync() where libc lacks it. It waits for the whole filesystem's
+    dirty data, other processes' too."""
     syncfs = getattr(_LIBC, "syncfs", None)
     if syncfs is None:
         os.sync()

@@ -149,6 +149,13 @@ def test_a_batch_is_refreshed_in_order_and_synced_once(tmp_path, intermediate, r
     assert len(syncs) == 1 and len(fsyncs) == 1
     reg.save()
     assert syncs[1] == (reg.served_dir, False) and reg.index_file.exists()
+    # a batch that replaces served files fsyncs each before its rename: old or new, never
+    # neither after a power cut
+    fsyncs.clear()
+    for d in ("t.a.test", "t.c.test"):
+        write_bundle(tmp_path / "certs", d, intermediate)
+    assert reg.refresh_many(["t.a.test", "t.c.test"]) == ["loaded", "loaded"]
+    assert len(fsyncs) == 2 and len(syncs) == 3
 
 
 def _saved(tmp_path: Path, roots, intermediate) -> CertRegistry:
