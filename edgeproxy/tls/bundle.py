@@ -260,7 +260,10 @@ class _Validation:
             self._check_trust(roots)
         fp = spki_sha256(leaf)
         # list() first: the registry may add to this set from another thread meanwhile.
-        users = list(key_users.get(fp, ()))
+        holders = key_users.get(fp, ())
+        # The registry's tuples are in registration order; other collections (the CLI's
+        # sets) are sorted, so that the three named are the same from run to run.
+        users = list(holders) if isinstance(holders, tuple | list) else sorted(holders)
         count = len(users) - (self.b.domain in users)
         if count:
             # One finding, naming three and counting the rest, however many share the key:
@@ -500,10 +503,12 @@ def _parts_fit(key: rsa.RSAPrivateKey) -> bool:
     (OpenSSL's pairwise and CRT checks, without the primality tests of p and q).
 
     Arithmetic on the numbers, ~0.02 ms; the sign-and-verify round trip it replaces cost
-    ~0.5 ms, 60% of a validation. It is also stricter: OpenSSL checks each signature and
-    redoes a wrong one without CRT, so a key with one bad CRT part signed correctly, passed
-    the round trip, and would have made every full handshake's signature ~9x as costly
-    (2.3 vs 0.25 ms here).
+    ~0.5 ms, 60% of a validation. It is stricter about CRT parts: OpenSSL checks each
+    signature and redoes a wrong one without CRT, so a key with one bad CRT part signed
+    correctly, passed the round trip, and would have made every full handshake's signature
+    ~9x as costly (2.3 vs 0.25 ms here). What it lets through is a key crafted with a
+    composite factor (p prime, q = r*s, parts computed to fit), which the round trip caught:
+    no key generator makes one, and it can only break its own domain's handshakes.
     """
     nums = key.private_numbers()
     p, q, n, e = nums.p, nums.q, nums.public_numbers.n, nums.public_numbers.e
