@@ -45,7 +45,7 @@ HANDSHAKE_RESULTS = ("ok", "unknown_sni", "no_sni", "error")
 UPSTREAM_ERRORS = ("connect", "timeout", "broken")
 NO_ROUTE = "none"
 CERT_STATES = ("active", "expiring", "expired", "invalid", "awaiting_certificate")
-RELOAD_RESULTS = ("loaded", "rejected", "removed")
+RELOAD_RESULTS = ("loaded", "rejected", "removed", "failed")
 
 CertRow = tuple[str, float | None, str]
 """(domain, notAfter as a Unix timestamp or None, state)"""

@@ -51,7 +51,11 @@ def _save_soon(registry: CertRegistry) -> None:
         finally:
             _saving.discard(id(registry))
             if registry.dirty:
-                await asyncio.to_thread(registry.save)
+                try:
+                    await asyncio.to_thread(registry.save)
+                except OSError as exc:  # the served files stay served; the index waits
+                    registry.dirty = True
+                    reload_log.error("could not save %s: %s", registry.index_file, exc)
 
     create_task(save(), name="edgeproxy.save-index")
 
@@ -61,7 +65,11 @@ async def _refresh(registry: CertRegistry, domains: set[str], *, recheck: bool =
     ordered = sorted(domains)
     for start in range(0, len(ordered), BATCH):
         batch = ordered[start : start + BATCH]
-        outcomes = await asyncio.to_thread(registry.refresh_many, batch)
+        try:
+            outcomes = await asyncio.to_thread(registry.refresh_many, batch)
+        except Exception:  # a bug must not end hot reload: the next rescan tries again
+            reload_log.exception("refreshing %d domains failed", len(batch))
+            continue
         for domain, outcome in zip(batch, outcomes, strict=True):
             for _ in range(INFLIGHT_RETRIES if outcome == "inflight" else 0):
                 await asyncio.sleep(INFLIGHT_DELAY)

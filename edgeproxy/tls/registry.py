@@ -147,7 +147,7 @@ class CertRegistry:
         self.entries: dict[str, Entry] = {}
         self.key_users: dict[str, tuple[str, ...]] = {}
         """Public-key SHA-256 -> domains serving that key (the key-reuse rule's index)."""
-        self.counts = {"loaded": 0, "rejected": 0, "removed": 0}
+        self.counts = {"loaded": 0, "rejected": 0, "removed": 0, "failed": 0}
         self.last_success: float | None = None
         self.serving = False
         """Every domain validated so far is published: at a restart, as soon as the index of
@@ -259,7 +259,8 @@ class CertRegistry:
 
     def refresh(self, domain: str) -> str:
         """Validate and publish one domain. Returns loaded|rejected|removed|unchanged|inflight
-        (or registered, for a domain that has no certificate yet)."""
+        (or registered, for a domain that has no certificate yet; failed, for a valid bundle
+        that could not be written to the served folder)."""
         with self._refreshing:
             return self._refresh(domain)
 
@@ -281,7 +282,10 @@ class CertRegistry:
                 with self._refreshing:  # held per domain: a swap need not wait for the batch
                     outcomes.append(self._refresh(domain, durable=False))
         finally:
-            sync_filesystem(self.served_dir)
+            try:
+                sync_filesystem(self.served_dir)
+            except OSError as exc:  # the index's save syncs too, and fails alike: no vouching
+                reload_log.error("could not sync %s: %s", self.served_dir, exc)
         return outcomes
 
     def _refresh(self, domain: str, durable: bool = True) -> str:
@@ -331,7 +335,18 @@ class CertRegistry:
         served_file = self.served_dir / f"{domain}{SERVED_SUFFIX}"
         # A batch leaves out the fsync only for a new file. One that replaces a served bundle
         # is synced before its rename: after a power cut, the old bundle or the new one.
-        atomic_write(served_file, verdict.served_pem, durable or served_file.exists())
+        try:
+            atomic_write(served_file, verdict.served_pem, durable or served_file.exists())
+        except OSError as exc:  # a full disk, a read-only state folder: nothing is lost
+            self._count("failed", domain)
+            reload_log.error(
+                "could not publish the certificate for %s (%s); what is served stays served, "
+                "and the next change or rescan tries again",
+                domain,
+                exc,
+                extra={"domain": domain},
+            )
+            return "failed"
         now = time.time()  # published: workers' sync times are compared with this
         assert verdict.not_after is not None and verdict.cert_sha256 and verdict.spki_sha256
         served = Served(

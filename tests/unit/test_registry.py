@@ -43,7 +43,7 @@ def test_good_bundle_is_published_with_a_private_mode(tmp_path, intermediate, ro
     assert oct(served.stat().st_mode & 0o777) == "0o600"
     assert oct((tmp_path / "state").stat().st_mode & 0o777) == "0o700"
     assert reg.entries["t.a.test"].state(0) == CertState.ACTIVE
-    assert reg.counts == {"loaded": 1, "rejected": 0, "removed": 0}
+    assert reg.counts == {"loaded": 1, "rejected": 0, "removed": 0, "failed": 0}
 
 
 def test_bad_rewrite_keeps_the_last_good_bundle(tmp_path, intermediate, roots, caplog):
@@ -156,6 +156,41 @@ def test_a_batch_is_refreshed_in_order_and_synced_once(tmp_path, intermediate, r
         write_bundle(tmp_path / "certs", d, intermediate)
     assert reg.refresh_many(["t.a.test", "t.c.test"]) == ["loaded", "loaded"]
     assert len(fsyncs) == 2 and len(syncs) == 3
+
+
+def test_a_bundle_that_cannot_be_written_keeps_what_is_served(
+    tmp_path, intermediate, roots, monkeypatch, caplog
+):
+    """A full disk while publishing: the domain keeps its last good bundle, the failure is
+    counted and logged, the rest of the batch goes on, and the next rescan tries again."""
+    import errno
+
+    import edgeproxy.tls.registry as registry_module
+
+    reg = _registry(tmp_path, roots)
+    write_bundle(tmp_path / "certs", "t.a.test", intermediate)
+    assert _sync(reg) == {"t.a.test": "loaded"}
+    served = reg.served_dir / "t.a.test.pem"
+    good, version = served.read_bytes(), reg.entries["t.a.test"].served.version
+    for d in ("t.a.test", "t.b.test"):
+        write_bundle(tmp_path / "certs", d, intermediate)
+    real_write = registry_module.atomic_write
+
+    def full_disk(path: Path, data: bytes, durable: bool = True) -> None:
+        if path.name == "t.a.test.pem":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write(path, data, durable)
+
+    monkeypatch.setattr(registry_module, "atomic_write", full_disk)
+    assert reg.refresh_many(["t.a.test", "t.b.test"]) == ["failed", "loaded"]
+    assert served.read_bytes() == good
+    assert reg.entries["t.a.test"].served.version == version
+    assert reg.counts["failed"] == 1 and "could not publish the certificate for t.a.test" in (
+        caplog.text
+    )
+    monkeypatch.setattr(registry_module, "atomic_write", real_write)
+    assert _sync(reg) == {"t.a.test": "loaded"}  # what a rescan does
+    assert served.read_bytes() != good
 
 
 def _saved(tmp_path: Path, roots, intermediate) -> CertRegistry:
