@@ -16,7 +16,9 @@ Signals: SIGTERM/SIGINT drain every child and exit 0; SIGHUP is passed on to the
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -220,6 +222,40 @@ def _kill(pid: int, sig: signal.Signals) -> None:
         pass
 
 
+METRICS_DIR_PREFIX = "edgeproxy-metrics-"
+_METRICS_DIR = re.compile(rf"{METRICS_DIR_PREFIX}(\d+)-")
+
+
+def _metrics_dir() -> str:
+    """A new multiprocess metrics folder in the temp folder, named after this supervisor.
+
+    A supervisor that was killed (SIGKILL, the OOM killer) left its folder behind: the
+    folders of supervisors no longer running are removed first, so restarts after crashes
+    don't pile them up. A running one's is never touched, whoever runs it.
+    """
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(tempfile.gettempdir()):
+            m = _METRICS_DIR.match(entry.name)
+            if (
+                m
+                and not _running(int(m[1]))
+                and entry.is_dir(follow_symlinks=False)
+                and entry.stat(follow_symlinks=False).st_uid == os.getuid()
+            ):
+                shutil.rmtree(entry.path, ignore_errors=True)
+    return tempfile.mkdtemp(prefix=f"{METRICS_DIR_PREFIX}{os.getpid()}-")
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def serve(settings: Settings) -> int:
     """Run the edge in the foreground until SIGTERM/SIGINT; returns the exit code.
 
@@ -227,7 +263,7 @@ def serve(settings: Settings) -> int:
         ConfigError: a listener can't be bound.
     """
     setup_logging(settings.log.level)
-    prom_dir = tempfile.mkdtemp(prefix="edgeproxy-metrics-")
+    prom_dir = _metrics_dir()
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = prom_dir
     try:
         supervisor = Supervisor(settings)

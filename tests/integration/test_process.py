@@ -107,6 +107,39 @@ async def test_a_killed_worker_is_replaced(
         assert edge.stop() == 0
 
 
+def test_a_killed_edge_leaves_no_metrics_folder_behind_its_next_start(
+    tmp_path, certs_dir, upstream, chat_upstream, trust_bundle
+):
+    """SIGKILL to the supervisor (the OOM killer) skips its cleanup; the next start removes
+    the multiprocess metrics folder it left, and never a running edge's."""
+    import copy
+    import tempfile
+
+    def folders(pid: int) -> list[Path]:
+        return list(Path(tempfile.gettempdir()).glob(f"edgeproxy-metrics-{pid}-*"))
+
+    config = base_config(certs_dir, upstream, chat_upstream, trust_bundle)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "c").mkdir()
+    killed, running, nxt = (Edge(tmp_path / d, copy.deepcopy(config)) for d in "abc")
+    try:
+        killed.start()
+        running.start()
+        assert killed.proc is not None and running.proc is not None
+        assert len(folders(killed.proc.pid)) == 1 and len(folders(running.proc.pid)) == 1
+        killed.proc.kill()
+        killed.proc.wait(5)
+        assert len(folders(killed.proc.pid)) == 1  # left behind
+        nxt.start()
+        assert folders(killed.proc.pid) == []
+        assert len(folders(running.proc.pid)) == 1
+        assert running.get("/readyz")[0] == 200
+    finally:
+        for edge in (killed, running, nxt):
+            edge.stop()
+
+
 async def test_sighup_rescans_certificates(
     tmp_path, intermediate, upstream, chat_upstream, client_ctx, trust_bundle
 ):
