@@ -223,7 +223,9 @@ def _kill(pid: int, sig: signal.Signals) -> None:
 
 
 METRICS_DIR_PREFIX = "edgeproxy-metrics-"
-_METRICS_DIR = re.compile(rf"{METRICS_DIR_PREFIX}(\d+)-")
+# (Linux pids have at most 7 digits; a longer number in a name someone else made must not
+# reach os.kill, which raises OverflowError past a C int.)
+_METRICS_DIR = re.compile(rf"{METRICS_DIR_PREFIX}(\d{{1,7}})-")
 
 
 def _metrics_dir() -> str:
@@ -238,9 +240,9 @@ def _metrics_dir() -> str:
             m = _METRICS_DIR.match(entry.name)
             if (
                 m
-                and not _running(int(m[1]))
                 and entry.is_dir(follow_symlinks=False)
                 and entry.stat(follow_symlinks=False).st_uid == os.getuid()
+                and not _running(int(m[1]))
             ):
                 shutil.rmtree(entry.path, ignore_errors=True)
     return tempfile.mkdtemp(prefix=f"{METRICS_DIR_PREFIX}{os.getpid()}-")

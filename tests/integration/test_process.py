@@ -123,6 +123,7 @@ def test_a_killed_edge_leaves_no_metrics_folder_behind_its_next_start(
     (tmp_path / "b").mkdir()
     (tmp_path / "c").mkdir()
     killed, running, nxt = (Edge(tmp_path / d, copy.deepcopy(config)) for d in "abc")
+    odd = Path(tempfile.gettempdir()) / f"edgeproxy-metrics-{'9' * 20}-{tmp_path.name}"
     try:
         killed.start()
         running.start()
@@ -131,13 +132,17 @@ def test_a_killed_edge_leaves_no_metrics_folder_behind_its_next_start(
         killed.proc.kill()
         killed.proc.wait(5)
         assert len(folders(killed.proc.pid)) == 1  # left behind
+        odd.mkdir()  # a name no supervisor made: neither removed nor a crash
         nxt.start()
         assert folders(killed.proc.pid) == []
         assert len(folders(running.proc.pid)) == 1
         assert running.get("/readyz")[0] == 200
+        assert odd.is_dir()
     finally:
         for edge in (killed, running, nxt):
             edge.stop()
+        if odd.is_dir():
+            odd.rmdir()
 
 
 async def test_sighup_rescans_certificates(
