@@ -82,6 +82,9 @@ class HandshakeTally:
     def __init__(self) -> None:
         self.counts = dict.fromkeys(self.RESULTS, 0)
         self._unclaimed_refusals = 0
+        # The C connections (tls/native.py) count their own results: (ok, failed) since
+        # the last call, taken at each flush.
+        self.source: Callable[[], tuple[int, int]] | None = None
 
     def ok(self) -> None:
         self.counts["ok"] += 1
@@ -97,6 +100,12 @@ class HandshakeTally:
             self.counts["error"] += 1
 
     def flush(self, add: Callable[[str, int], None]) -> None:
+        if self.source is not None:
+            ok, failed = self.source()
+            self.counts["ok"] += ok
+            claimed = min(failed, self._unclaimed_refusals)
+            self._unclaimed_refusals -= claimed
+            self.counts["error"] += failed - claimed
         for result, n in self.counts.items():
             if n:
                 add(result, n)
@@ -108,26 +117,48 @@ SNI_ATTR = "edge_sni"
 OpenSSL keeps no SNI name to read back."""
 
 
-def install_sni_callback(
-    base: ssl.SSLContext,
-    lookup: Callable[[str], ssl.SSLContext | None],
-    tally: HandshakeTally,
-) -> None:
-    """Make `base` pick each connection's context by SNI via `lookup(name)`."""
+Selection = ssl.SSLContext | int
+"""What a handshake gets by its SNI name: the domain's context, or the alert refusing it."""
 
-    # `conn` is the connection's owner: a TLSTransport, or an SSLObject on memory BIOs.
-    def on_sni(conn: Any, server_name: str | None, _: ssl.SSLContext) -> int | None:
-        if not server_name:
+
+def make_selector(
+    lookup: Callable[[str], ssl.SSLContext | None], tally: HandshakeTally
+) -> Callable[[str | None], Selection]:
+    """`select(name)`: the context for an SNI name already lowercased and without trailing
+    dots (None: the client sent none), or the alert that refuses the handshake."""
+
+    def select(name: str | None) -> Selection:
+        if name is None:
             tally.refused("no_sni")
-            return ssl.ALERT_DESCRIPTION_HANDSHAKE_FAILURE
-        name = server_name.lower().rstrip(".")
+            return int(ssl.ALERT_DESCRIPTION_HANDSHAKE_FAILURE)
         ctx = lookup(name)
         if ctx is None:
             tally.refused("unknown_sni")
             if tls_log.isEnabledFor(10):
                 tls_log.debug("handshake refused: unknown SNI", extra={"sni": name[:253]})
-            return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
-        conn.context = ctx
+            return int(ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME)
+        return ctx
+
+    return select
+
+
+def install_sni_callback(
+    base: ssl.SSLContext,
+    lookup: Callable[[str], ssl.SSLContext | None],
+    tally: HandshakeTally,
+) -> None:
+    """Make `base` pick each connection's context by SNI via `lookup(name)`, for
+    connections that ssl's own objects serve (tls/transport.py, SSLObject on memory BIOs).
+    The C connections (tls/native.py) install their own callback, with the same selector."""
+    select = make_selector(lookup, tally)
+
+    # `conn` is the connection's owner: a TLSTransport, or an SSLObject on memory BIOs.
+    def on_sni(conn: Any, server_name: str | None, _: ssl.SSLContext) -> int | None:
+        name = server_name.lower().rstrip(".") if server_name else None
+        chosen = select(name)
+        if isinstance(chosen, int):
+            return chosen
+        conn.context = chosen
         setattr(conn, SNI_ATTR, name)
         return None
 
