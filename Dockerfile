@@ -1,8 +1,8 @@
 # Build stage: the beacon path compiled by mypyc (setup.py) needs gcc and mypy, which the
-# image that runs does not.
+# image that runs does not, and the C connections (tls/_conn.c) OpenSSL's headers.
 FROM python:3.11-slim AS build
 WORKDIR /src
-RUN apt-get update -qq && apt-get install -y -qq --no-install-recommends gcc libc6-dev \
+RUN apt-get update -qq && apt-get install -y -qq --no-install-recommends gcc libc6-dev libssl-dev \
     && rm -rf /var/lib/apt/lists/*
 COPY pyproject.toml setup.py README.md ./
 COPY edgeproxy ./edgeproxy

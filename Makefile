@@ -14,7 +14,7 @@ $(BIN)/.installed: pyproject.toml
 # The beacon path compiled by mypyc (setup.py), rebuilt whenever any edgeproxy source
 # changes (setup.py alone lists what is compiled; ~20 s). Without a C compiler it runs as
 # plain Python, slower; EDGEPROXY_REQUIRE_COMPILED=1 (CI) makes that an error.
-SOURCES := $(filter-out edgeproxy/_build.py,$(wildcard edgeproxy/*.py edgeproxy/*/*.py))
+SOURCES := $(filter-out edgeproxy/_build.py,$(wildcard edgeproxy/*.py edgeproxy/*/*.py edgeproxy/*/*.c))
 
 $(BIN)/.compiled: $(BIN)/.installed setup.py $(SOURCES)
 	@rm -f edgeproxy/*.so edgeproxy/*/*.so edgeproxy/_build.py
@@ -33,8 +33,13 @@ lint: $(BIN)/.compiled
 	$(BIN)/ruff format --check edgeproxy tests bench setup.py
 	$(BIN)/mypy
 
+# The client connections' tests again on tls/transport.py, the Python ones that serve where
+# the C ones (tls/native.py) can't.
 test: lint
 	$(BIN)/python -m pytest
+	EDGEPROXY_PY_TRANSPORT=1 $(BIN)/python -m pytest -q tests/integration/test_tls.py \
+	  tests/integration/test_hostile.py tests/integration/test_forwarding.py \
+	  tests/integration/test_memory.py
 
 # On demand: edgeproxy vs nginx on this machine (installs nginx, wrk and valgrind when
 # missing), then the worker's instructions per operation (deterministic, for A/B of builds).

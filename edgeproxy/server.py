@@ -33,6 +33,7 @@ from edgeproxy.proxy.policy import PolicyBook
 from edgeproxy.proxy.proxyproto import ProxyProtocolError, read_header
 from edgeproxy.proxy.routes import RouteTable
 from edgeproxy.proxy.upstream import UpstreamPool
+from edgeproxy.tls import native
 from edgeproxy.tls.follow import watch_served
 from edgeproxy.tls.sni import HandshakeTally, install_sni_callback
 from edgeproxy.tls.store import CertStore
@@ -71,7 +72,8 @@ class Worker:
             PolicyBook(settings.policy),
             access=AccessLog() if settings.log.access else None,
         )
-        self.listeners: list[TLSListener] = []
+        self.listeners: list[TLSListener | native.NativeServer] = []
+        self.native: native.NativeServer | None = None  # the C connections, where they serve
         self.accepting: list[asyncio.Task[None]] = []
         self._last_warning = -60.0
         self.stopping = asyncio.Event()
@@ -84,15 +86,29 @@ class Worker:
         # Watch first, then list: whatever is published after the listing raises an event.
         self.served_watch = FolderWatch(self.store.dir)
         self.rescan()
-        install_sni_callback(self.base_ctx, self.store.context_for, self.tally)
-        self.deadlines = HandshakeDeadlines(
-            asyncio.get_running_loop(), self.settings.server.handshake_timeout
-        )
+        loop = asyncio.get_running_loop()
+        timeout = self.settings.server.handshake_timeout
+        if not native.unavailable():
+            self.native = native.NativeServer(
+                loop,
+                self.base_ctx,
+                lambda: as_protocol(ClientConnection(self.ctx)),
+                self.store.context_for,
+                self.tally,
+                timeout,
+            )
+            self.listeners.append(self.native)
+        else:
+            install_sni_callback(self.base_ctx, self.store.context_for, self.tally)
+        self.deadlines = HandshakeDeadlines(loop, timeout)
         for sock in sockets:
             if self.settings.server.proxy_protocol:
                 self.accepting.append(
                     create_task(self._accept_proxied(sock), name="edgeproxy.accept-proxied")
                 )
+                continue
+            if self.native is not None:
+                self.native.listen(sock)
                 continue
             listener = TLSListener(
                 sock,
@@ -111,6 +127,7 @@ class Worker:
                 "pid": os.getpid(),
                 "domains": len(self.store),
                 "listen": [_sockname(s) for s in sockets],
+                "connections": "C" if self.native else f"Python ({native.unavailable()})",
             },
         )
 
@@ -149,6 +166,9 @@ class Worker:
             made.peer = peer
             return as_protocol(made)
 
+        if self.native is not None:
+            self.native.adopt(conn, addr, protocol)
+            return
         serve_tls(loop, conn, addr, self.base_ctx, protocol, self.tally, self.deadlines)
 
     def _flush_metrics(self) -> None:

@@ -1,5 +1,9 @@
 """TLS connections served from the socket itself: OpenSSL reads and writes the descriptor.
 
+Where the C connections are built and fit (tls/native.py, tls/_conn.c: the same rules, in
+C), they serve instead; this module serves wherever they can't, and is the reference for
+what a client connection does.
+
 Why not the event loop's TLS (uvloop's SSLProtocol, asyncio's sslproto): it runs OpenSSL
 on memory BIOs, so every record goes socket -> loop buffer -> BIO -> plaintext and back,
 and each connection builds two BIOs, an ssl.SSLObject (Python frames) and an SSL state

@@ -17,8 +17,9 @@ from tests.support.edge import Edge
 
 HOST = DOMAINS[0]
 GCWATCH = Path(__file__).resolve().parent.parent / "support" / "gcwatch"
-# The objects of one client connection (tls/transport.py, proxy/forward.py).
+# The objects of one client connection (tls/_conn.c or tls/transport.py, proxy/forward.py).
 CONNECTION_TYPES = {
+    "TLSConnection",
     "TLSTransport",
     "ConnSocket",
     "_SSLSocket",

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
+import os
 import socket
 import ssl
 import subprocess
@@ -201,3 +203,24 @@ async def test_a_slow_reader_gets_a_large_response_whole(edge: Edge, client_ctx)
     [resp] = await conn.read_responses()
     await conn.close()
     assert resp.status == 200 and resp.body == b"b" * 1048576
+
+
+def test_the_worker_says_which_connections_serve(edge: Edge):
+    """Client connections are C (tls/native.py) wherever that is built and fits, and the
+    worker's ready line says which serve; a build CI requires must serve with C."""
+    from edgeproxy.tls import native
+
+    ready = [
+        json.loads(line)
+        for line in edge.stderr().splitlines()
+        if line.startswith("{") and '"worker ready"' in line
+    ]
+    assert ready, edge.stderr()
+    served = ready[0]["connections"]
+    if native.unavailable():
+        assert served == f"Python ({native.unavailable()})"
+    else:
+        assert served == "C"
+    forced = os.environ.get("EDGEPROXY_PY_TRANSPORT") == "1"
+    if os.environ.get("EDGEPROXY_REQUIRE_COMPILED") == "1" and not forced:
+        assert served == "C", native.unavailable()

@@ -61,7 +61,12 @@ class Edge:
 
     def start(self, timeout: float = 15.0, env: dict[str, str] | None = None) -> Edge:
         """Start it as an operator does (`env`: more environment, for test instruments)."""
-        env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEPROXY_")} | (env or {})
+        # The test run's own EDGEPROXY_ settings stay out, except the choice of connections
+        # (tls/native.py): `make test` runs part of the suite again on the Python ones.
+        keep = ("EDGEPROXY_PY_TRANSPORT",)
+        env = {
+            k: v for k, v in os.environ.items() if not k.startswith("EDGEPROXY_") or k in keep
+        } | (env or {})
         with self.stdout_path.open("ab") as out, self.stderr_path.open("ab") as err:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "edgeproxy", "serve", "--config", str(self.config_path)],
