@@ -66,6 +66,7 @@ BUFFER_LIMIT = 262144
 _PAUSE_UPSTREAM = 1  # the upstream's write buffer is full
 _PAUSE_BUFFER = 2  # body buffered while no upstream is attached yet
 _PAUSE_PIPELINE = 4  # a complete request waits for the response ahead of it
+_PAUSE_CLIENT = 8  # the client doesn't read what it is sent (its write buffer is full)
 
 _REASONS = {
     400: b"Bad Request",
@@ -385,6 +386,10 @@ class ClientConnection:
         return False
 
     def pause_writing(self) -> None:
+        # Nothing more is read from a client that doesn't read its answers: pipelined
+        # requests the edge answers itself (a 404) would otherwise pile up their answers in
+        # the worker's memory (a client sending without reading took a worker past 1 GB).
+        self._pause(_PAUSE_CLIENT)
         head = self.queue[0] if self.queue else None
         conn = head.exchange.conn if head is not None and head.exchange is not None else None
         conn = conn or self.tunnel
@@ -393,6 +398,7 @@ class ClientConnection:
             self._write_waiter = conn
 
     def resume_writing(self) -> None:
+        self._resume(_PAUSE_CLIENT)
         conn, self._write_waiter = self._write_waiter, None
         if conn is not None and conn.transport is not None and not conn.closed:
             conn.transport.resume_reading()

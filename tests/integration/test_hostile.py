@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+import ssl
 import time
 
 import pytest
@@ -146,3 +148,36 @@ async def test_upstream_bytes_after_a_response_never_reach_another_client(edge, 
 async def test_upstream_switching_protocols_unasked_is_502(edge, client_ctx):
     resp = await request(edge.port, HOST, client_ctx, "GET", "/track/switch")
     assert resp.status == 502
+
+
+def test_a_client_that_never_reads_is_not_read_either(edge, client_ctx):
+    """A client pipelining requests the edge answers itself (404s) and never reading the
+    answers: once its write buffer is full the edge stops reading it, so the answers don't
+    pile up in the worker (a review's fuzzing took a worker past 1 GB in 15 s)."""
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # (before connect, to count)
+    raw.settimeout(5)
+    raw.connect(("127.0.0.1", edge.port))
+    tls = client_ctx.wrap_socket(raw, server_hostname=HOST)
+    tls.setblocking(False)
+    chunk = build("GET", "/nope", HOST) * 200
+
+    def send_for(seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            try:
+                tls.send(chunk)
+            except (ssl.SSLWantWriteError, ssl.SSLWantReadError, BlockingIOError):
+                time.sleep(0.005)
+
+    try:
+        send_for(2.0)
+        time.sleep(0.5)  # (access lines are written a few times a second)
+        answered = len(edge.access())
+        send_for(1.5)
+        time.sleep(0.5)
+        more = len(edge.access()) - answered
+        assert answered > 1000, answered  # (it did answer until the buffers were full)
+        assert more < 50, f"{more} more answered while the client read nothing"
+    finally:
+        tls.close()
