@@ -65,6 +65,8 @@ class ServerSettings:
     """How long an idle client connection is kept open between requests."""
     header_timeout: float = 10.0
     """Time allowed from a request's first byte to the end of its headers (slowloris bound)."""
+    send_timeout: float = 60.0
+    """A client that takes none of what waits to be sent to it for this long is cut off."""
     max_header_bytes: int = 16384
     max_headers: int = 100
     max_body_bytes: int = 1048576
@@ -91,6 +93,7 @@ class ServerSettings:
             "handshake_timeout",
             "keepalive_timeout",
             "header_timeout",
+            "send_timeout",
             "drain_timeout",
             "max_header_bytes",
             "max_headers",
@@ -408,6 +411,7 @@ def settings_from_dict(raw: Mapping[str, Any]) -> Settings:
         handshake_timeout=s.number("handshake_timeout", 10.0),
         keepalive_timeout=s.number("keepalive_timeout", 75.0),
         header_timeout=s.number("header_timeout", 10.0),
+        send_timeout=s.number("send_timeout", 60.0),
         max_header_bytes=s.integer("max_header_bytes", 16384),
         max_headers=s.integer("max_headers", 100),
         max_body_bytes=s.integer("max_body_bytes", 1048576),

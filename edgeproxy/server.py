@@ -96,6 +96,7 @@ class Worker:
                 self.store.context_for,
                 self.tally,
                 timeout,
+                self.settings.server.send_timeout,
             )
             self.listeners.append(self.native)
         else:
@@ -116,6 +117,7 @@ class Worker:
                 lambda: as_protocol(ClientConnection(self.ctx)),
                 deadlines=self.deadlines,
                 tally=self.tally,
+                send_timeout=self.settings.server.send_timeout,
             )
             listener.start()
             self.listeners.append(listener)
@@ -169,7 +171,16 @@ class Worker:
         if self.native is not None:
             self.native.adopt(conn, addr, protocol)
             return
-        serve_tls(loop, conn, addr, self.base_ctx, protocol, self.tally, self.deadlines)
+        serve_tls(
+            loop,
+            conn,
+            addr,
+            self.base_ctx,
+            protocol,
+            self.tally,
+            self.deadlines,
+            server.send_timeout,
+        )
 
     def _flush_metrics(self) -> None:
         self.ctx.flush_metrics()

@@ -75,6 +75,8 @@ struct Conn {
     Py_ssize_t whead;
     Py_ssize_t wsize;
     PyObject *timer;     /* the linger's */
+    PyObject *send_timer; /* while data waits: send_timeout */
+    double progress;     /* when the client last took some of what waits */
     double deadline;     /* of the handshake */
     Conn *dprev, *dnext; /* handshakes in deadline order */
     PyObject *weakreflist;
@@ -92,7 +94,8 @@ struct Core {
     SSL_CTX *base;
     int epfd;
     int tfd;
-    double timeout;
+    double timeout;      /* for a handshake */
+    double send_timeout; /* for a client to take some of what waits for it */
     double armed; /* the deadline the timerfd is set for, 0 when unset */
     Conn *dhead, *dtail;
     long long ok, failed;
@@ -104,6 +107,7 @@ static PyTypeObject CoreType;
 static PyObject *s_data_received, *s_connection_made, *s_connection_lost, *s_eof_received;
 static PyObject *s_pause_writing, *s_resume_writing, *s_reading_request, *s_call_soon;
 static PyObject *s_call_later, *s_cancel, *s_lost, *s_linger_done, *s_call_exception_handler;
+static PyObject *s_send_check;
 
 static double now(void) {
     struct timespec ts;
@@ -234,6 +238,32 @@ static void call_soon_lost(Conn *c, PyObject *exc) {
         PyErr_WriteUnraisable((PyObject *)c);
 }
 
+/* loop.call_later(delay, getattr(c, method)), or NULL (reported). */
+static PyObject *call_later(Conn *c, double delay, PyObject *method) {
+    PyObject *timer = NULL;
+    PyObject *cb = PyObject_GetAttr((PyObject *)c, method);
+    PyObject *d = PyFloat_FromDouble(delay);
+    if (cb && d)
+        timer = PyObject_CallMethodObjArgs(c->core->loop, s_call_later, d, cb, NULL);
+    Py_XDECREF(cb);
+    Py_XDECREF(d);
+    if (timer == NULL)
+        PyErr_WriteUnraisable((PyObject *)c);
+    return timer;
+}
+
+static void cancel(Conn *c, PyObject **slot) {
+    PyObject *t = *slot;
+    if (t == NULL)
+        return;
+    *slot = NULL;
+    PyObject *r = PyObject_CallMethodNoArgs(t, s_cancel);
+    Py_XDECREF(r);
+    Py_DECREF(t);
+    if (PyErr_Occurred())
+        PyErr_WriteUnraisable((PyObject *)c);
+}
+
 /* Closes at once. The caller holds a reference to c: the set's reference goes here. */
 static void close_now(Conn *c, PyObject *exc) {
     int prev = c->state;
@@ -241,15 +271,8 @@ static void close_now(Conn *c, PyObject *exc) {
         return;
     c->state = S_CLOSED;
     deadline_forget(c);
-    if (c->timer) {
-        PyObject *t = c->timer;
-        c->timer = NULL;
-        PyObject *r = PyObject_CallMethodNoArgs(t, s_cancel);
-        Py_XDECREF(r);
-        Py_DECREF(t);
-        if (PyErr_Occurred())
-            PyErr_WriteUnraisable((PyObject *)c);
-    }
+    cancel(c, &c->timer);
+    cancel(c, &c->send_timer);
     Py_CLEAR(c->wbuf);
     c->whead = 0;
     c->wsize = 0;
@@ -330,14 +353,9 @@ static void do_shutdown(Conn *c) {
         return;
     }
     unwatch_write(c);
-    PyObject *cb = PyObject_GetAttr((PyObject *)c, s_linger_done);
-    PyObject *delay = PyFloat_FromDouble(LINGER);
-    if (cb && delay)
-        c->timer = PyObject_CallMethodObjArgs(c->core->loop, s_call_later, delay, cb, NULL);
-    Py_XDECREF(cb);
-    Py_XDECREF(delay);
+    cancel(c, &c->send_timer); /* (nothing waits any more) */
+    c->timer = call_later(c, LINGER, s_linger_done);
     if (c->timer == NULL) {
-        PyErr_WriteUnraisable((PyObject *)c);
         close_now(c, NULL);
         return;
     }
@@ -474,6 +492,11 @@ static void on_readable(Conn *c) {
 /* --- writing ------------------------------------------------------------------------------ */
 
 static int queue(Conn *c, PyObject *bytes) {
+    if (!queued(c)) { /* the first to wait: the client has send_timeout to take some */
+        c->progress = now();
+        if (c->send_timer == NULL)
+            c->send_timer = call_later(c, c->core->send_timeout, s_send_check);
+    }
     if (c->wbuf == NULL && (c->wbuf = PyList_New(0)) == NULL)
         return -1;
     if (PyList_Append(c->wbuf, bytes) < 0)
@@ -513,6 +536,7 @@ static void on_writable(Conn *c) {
         }
         c->wsize -= PyBytes_GET_SIZE(item);
         c->whead++;
+        c->progress = now();
         if (c->write_paused && c->wsize <= WRITE_LOW) {
             c->write_paused = 0;
             PyObject *res = PyObject_CallMethodNoArgs(c->protocol, s_resume_writing);
@@ -633,6 +657,8 @@ static int start_conn(Core *core, int fd, PyObject *peer, PyObject *factory) {
     c->wbuf = NULL;
     c->whead = c->wsize = 0;
     c->timer = NULL;
+    c->send_timer = NULL;
+    c->progress = 0;
     c->deadline = 0;
     c->dprev = c->dnext = NULL;
     c->weakreflist = NULL;
@@ -799,14 +825,15 @@ static PyMethodDef core_methods[] = {
     {NULL}};
 
 static int core_init(Core *self, PyObject *args, PyObject *kwds) {
-    static char *kwlist[] = {"loop",   "base_ctx",        "ctx_type",  "factory",
-                             "select", "on_accept_error", "ssl_error", "handshake_timeout",
+    static char *kwlist[] = {"loop",      "base_ctx",          "ctx_type",
+                             "factory",   "select",            "on_accept_error",
+                             "ssl_error", "handshake_timeout", "send_timeout",
                              NULL};
     PyObject *loop, *base_ctx, *ctx_type, *factory, *select, *on_error, *ssl_error;
-    double timeout;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOOOd", kwlist, &loop, &base_ctx,
+    double timeout, send_timeout;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOOOdd", kwlist, &loop, &base_ctx,
                                      &ctx_type, &factory, &select, &on_error, &ssl_error,
-                                     &timeout))
+                                     &timeout, &send_timeout))
         return -1;
     if (self->base) {
         PyErr_SetString(PyExc_RuntimeError, "a Core is set up once");
@@ -835,6 +862,7 @@ static int core_init(Core *self, PyObject *args, PyObject *kwds) {
     self->on_accept_error = Py_NewRef(on_error);
     self->ssl_error = Py_NewRef(ssl_error);
     self->timeout = timeout;
+    self->send_timeout = send_timeout;
     self->base = ((PySSLContextHead *)base_ctx)->ctx;
     /* This module's SNI callback replaces ssl's on the base context: ssl's expects the
      * connection to be its own _SSLSocket. */
@@ -893,7 +921,7 @@ static PyTypeObject CoreType = {
     .tp_basicsize = sizeof(Core),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
     .tp_doc = "A worker's client connections: Core(loop, base_ctx, ctx_type, factory, "
-              "select, on_accept_error, ssl_error, handshake_timeout).",
+              "select, on_accept_error, ssl_error, handshake_timeout, send_timeout).",
     .tp_new = core_new,
     .tp_init = (initproc)core_init,
     .tp_dealloc = (destructor)core_dealloc,
@@ -989,6 +1017,27 @@ static PyObject *conn_linger_done(Conn *c, PyObject *unused) {
     Py_INCREF(c);
     close_now(c, NULL);
     Py_DECREF(c);
+    Py_RETURN_NONE;
+}
+
+static PyObject *conn_send_check(Conn *c, PyObject *unused) {
+    Py_CLEAR(c->send_timer);
+    if (!queued(c) || (c->state != S_OPEN && c->state != S_CLOSING))
+        Py_RETURN_NONE;
+    double timeout = c->core->send_timeout;
+    double idle = now() - c->progress;
+    if (idle < timeout - 0.001) {
+        c->send_timer = call_later(c, timeout - idle, s_send_check);
+        Py_RETURN_NONE;
+    }
+    PyObject *exc = PyObject_CallFunction(PyExc_TimeoutError, "s",
+                                          "the client took nothing for send_timeout");
+    if (exc == NULL)
+        PyErr_Clear();
+    Py_INCREF(c);
+    close_now(c, exc);
+    Py_DECREF(c);
+    Py_XDECREF(exc);
     Py_RETURN_NONE;
 }
 
@@ -1106,6 +1155,7 @@ static PyMethodDef conn_methods[] = {
     {"set_protocol", (PyCFunction)conn_set_protocol, METH_O, NULL},
     {"_lost", (PyCFunction)conn_lost, METH_O, NULL},
     {"_linger_done", (PyCFunction)conn_linger_done, METH_NOARGS, NULL},
+    {"_send_check", (PyCFunction)conn_send_check, METH_NOARGS, NULL},
     {NULL}};
 
 static int conn_traverse(Conn *c, visitproc visit, void *arg) {
@@ -1117,6 +1167,7 @@ static int conn_traverse(Conn *c, visitproc visit, void *arg) {
     Py_VISIT(c->protocol);
     Py_VISIT(c->wbuf);
     Py_VISIT(c->timer);
+    Py_VISIT(c->send_timer);
     return 0;
 }
 
@@ -1127,6 +1178,7 @@ static int conn_clear(Conn *c) {
     Py_CLEAR(c->protocol);
     Py_CLEAR(c->wbuf);
     Py_CLEAR(c->timer);
+    Py_CLEAR(c->send_timer);
     return 0;
 }
 
@@ -1226,6 +1278,7 @@ PyMODINIT_FUNC PyInit__conn(void) {
     INTERN(s_lost, "_lost");
     INTERN(s_linger_done, "_linger_done");
     INTERN(s_call_exception_handler, "call_exception_handler");
+    INTERN(s_send_check, "_send_check");
     if (PyType_Ready(&ConnType) < 0 || PyType_Ready(&CoreType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&module);

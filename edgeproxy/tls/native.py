@@ -78,6 +78,7 @@ class NativeServer:
         lookup: Callable[[str], ssl.SSLContext | None],
         tally: HandshakeTally,
         handshake_timeout: float,
+        send_timeout: float,
     ) -> None:
         if _module is None:
             raise RuntimeError(f"the C connections are unavailable: {_why}")
@@ -93,6 +94,7 @@ class NativeServer:
             self._accept_failed,
             ssl.SSLError,
             handshake_timeout,
+            send_timeout,
         )
         tally.source = self.core.take_counts
         self.listening: list[int] = []

@@ -30,6 +30,8 @@ Rules:
   flight (a 413 to an upload not read, the last answer of a pipeline). Otherwise it closes
   at once, as nginx does. connection_lost comes when the data is out, not after the linger.
 - abort() drops what waits and closes at once.
+- A client that takes none of what waits for it for `send_timeout` seconds is cut off (as
+  abort()), closing or not: a client that stops reading can't hold a connection forever.
 """
 
 from __future__ import annotations
@@ -75,6 +77,7 @@ class TLSListener:
         *,
         deadlines: HandshakeDeadlines,
         tally: HandshakeTally,
+        send_timeout: float,
     ) -> None:
         self.loop = asyncio.get_running_loop()
         self.sock = sock
@@ -83,6 +86,7 @@ class TLSListener:
         self.factory = factory
         self.deadlines = deadlines
         self.tally = tally
+        self.send_timeout = send_timeout
         self.accepting = False
         self.closed = False
         self._last_warning = -60.0
@@ -116,7 +120,16 @@ class TLSListener:
                 self.loop.call_later(ACCEPT_BACKOFF, self._resume)
             return  # (ECONNABORTED and the like: that connection is gone, not the listener)
         conn = ConnSocket(self.family, socket.SOCK_STREAM, 0, fd)
-        serve_tls(self.loop, conn, addr, self.ctx, self.factory, self.tally, self.deadlines)
+        serve_tls(
+            self.loop,
+            conn,
+            addr,
+            self.ctx,
+            self.factory,
+            self.tally,
+            self.deadlines,
+            self.send_timeout,
+        )
 
     def _resume(self) -> None:
         if not self.accepting and not self.closed:  # (a drain may have closed it meanwhile)
@@ -137,11 +150,12 @@ def serve_tls(
     factory: ProtocolFactory,
     tally: HandshakeTally,
     deadlines: HandshakeDeadlines,
+    send_timeout: float,
 ) -> None:
     """Start the handshake on an accepted connection (a listener's, or one that came with
     a PROXY header); its protocol is made once the handshake succeeds."""
     try:
-        transport = TLSTransport(loop, conn, peer, ctx, factory, tally)
+        transport = TLSTransport(loop, conn, peer, ctx, factory, tally, send_timeout)
     except OSError:  # reset before we got to it
         conn.close()
         return
@@ -203,6 +217,9 @@ class TLSTransport(asyncio.Transport):
         "_state",
         "_deadlines",
         "_timer",
+        "_send_timer",
+        "_send_timeout",
+        "_progress",
         "_reading",
         "_watching",
         "_writing",
@@ -222,6 +239,7 @@ class TLSTransport(asyncio.Transport):
         ctx: ssl.SSLContext,
         factory: ProtocolFactory,
         tally: HandshakeTally,
+        send_timeout: float,
     ) -> None:
         self._loop = loop
         self._sock = sock
@@ -233,6 +251,9 @@ class TLSTransport(asyncio.Transport):
         self._state = _HANDSHAKE
         self._deadlines: HandshakeDeadlines | None = None
         self._timer: asyncio.TimerHandle | None = None  # the linger's
+        self._send_timer: asyncio.TimerHandle | None = None  # while data waits
+        self._send_timeout = send_timeout
+        self._progress = 0.0  # when the client last took some of what waits
         self._reading = True  # the protocol wants data (pause_reading/resume_reading)
         self._watching = False  # the reader callback is registered
         self._writing = False  # the writer callback is registered
@@ -371,6 +392,10 @@ class TLSTransport(asyncio.Transport):
             self._close_now(exc)
 
     def _queue(self, data: bytes) -> None:
+        if not self._wbuf:  # the first to wait: the client has send_timeout to take some
+            self._progress = self._loop.time()
+            if self._send_timer is None:
+                self._send_timer = self._loop.call_later(self._send_timeout, self._check_send)
         self._wbuf.append(data)
         self._wsize += len(data)
         if not self._write_paused and self._wsize > WRITE_HIGH:
@@ -393,6 +418,7 @@ class TLSTransport(asyncio.Transport):
                 self._close_now(exc)
                 return
             self._wsize -= len(buf.popleft())
+            self._progress = self._loop.time()
             if self._write_paused and self._wsize <= WRITE_LOW:
                 self._write_paused = False
                 self._protocol.resume_writing()  # type: ignore[union-attr]
@@ -407,6 +433,16 @@ class TLSTransport(asyncio.Transport):
         self._unwatch_write()
         if self._state == _CLOSING:
             self._shutdown()
+
+    def _check_send(self) -> None:
+        self._send_timer = None
+        if not self._wbuf or self._state not in (_OPEN, _CLOSING):
+            return
+        idle = self._loop.time() - self._progress
+        if idle < self._send_timeout - 0.001:
+            self._send_timer = self._loop.call_later(self._send_timeout - idle, self._check_send)
+            return
+        self._close_now(TimeoutError(f"the client took nothing for {self._send_timeout:g} s"))
 
     def get_write_buffer_size(self) -> int:
         return self._wsize
@@ -486,6 +522,9 @@ class TLSTransport(asyncio.Transport):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
         self._wbuf.clear()
         self._wsize = 0
         self._sock.close()

@@ -10,7 +10,9 @@ import time
 import pytest
 
 from tests.conftest import DOMAINS
+from tests.integration.conftest import base_config
 from tests.support.client import Conn, build, request
+from tests.support.edge import Edge
 
 HOST = DOMAINS[0]
 
@@ -150,34 +152,66 @@ async def test_upstream_switching_protocols_unasked_is_502(edge, client_ctx):
     assert resp.status == 502
 
 
-def test_a_client_that_never_reads_is_not_read_either(edge, client_ctx):
-    """A client pipelining requests the edge answers itself (404s) and never reading the
-    answers: once its write buffer is full the edge stops reading it, so the answers don't
-    pile up in the worker (a review's fuzzing took a worker past 1 GB in 15 s)."""
+def _never_reading(edge, client_ctx) -> ssl.SSLSocket:
+    """A TLS connection whose client reads nothing, with a receive buffer that fills fast."""
     raw = socket.socket()
     raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # (before connect, to count)
     raw.settimeout(5)
     raw.connect(("127.0.0.1", edge.port))
     tls = client_ctx.wrap_socket(raw, server_hostname=HOST)
     tls.setblocking(False)
+    return tls
+
+
+def _send_for(tls: ssl.SSLSocket, seconds: float) -> None:
+    """Pipelines requests the edge answers itself (404s), never reading the answers."""
     chunk = build("GET", "/nope", HOST) * 200
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        try:
+            tls.send(chunk)
+        except (ssl.SSLWantWriteError, ssl.SSLWantReadError, BlockingIOError):
+            time.sleep(0.005)
 
-    def send_for(seconds: float) -> None:
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
-            try:
-                tls.send(chunk)
-            except (ssl.SSLWantWriteError, ssl.SSLWantReadError, BlockingIOError):
-                time.sleep(0.005)
 
+def test_a_client_that_never_reads_is_not_read_either(edge, client_ctx):
+    """A client pipelining requests and never reading the answers: once its write buffer is
+    full the edge stops reading it, so the answers don't pile up in the worker (a review's
+    fuzzing took a worker past 1 GB in 15 s)."""
+    tls = _never_reading(edge, client_ctx)
     try:
-        send_for(2.0)
+        _send_for(tls, 2.0)
         time.sleep(0.5)  # (access lines are written a few times a second)
         answered = len(edge.access())
-        send_for(1.5)
+        _send_for(tls, 1.5)
         time.sleep(0.5)
         more = len(edge.access()) - answered
         assert answered > 1000, answered  # (it did answer until the buffers were full)
         assert more < 50, f"{more} more answered while the client read nothing"
     finally:
         tls.close()
+
+
+@pytest.mark.parametrize("send_timeout", [1.0, 60.0])
+def test_a_client_that_takes_nothing_is_cut_off_after_send_timeout(
+    tmp_path, certs_dir, upstream, chat_upstream, trust_bundle, client_ctx, send_timeout
+):
+    """Answers wait for a client that takes none of them: after server.send_timeout it is
+    cut off, instead of holding its connection (and what waits) for ever."""
+    config = base_config(certs_dir, upstream, chat_upstream, trust_bundle)
+    config["server"]["send_timeout"] = send_timeout
+    edge = Edge(tmp_path, config).start()
+    tls = _never_reading(edge, client_ctx)
+    try:
+        try:
+            _send_for(tls, 1.0)
+        except OSError:
+            pass  # (cut off while sending)
+        deadline = time.monotonic() + 3.0
+        while edge.sample("edgeproxy_connections_active") > 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        cut = edge.sample("edgeproxy_connections_active") == 0
+        assert cut == (send_timeout < 3.0), send_timeout
+    finally:
+        tls.close()
+        assert edge.stop() == 0
