@@ -6,6 +6,10 @@
  * as transport.py's (its docstring), and so are the protocol's calls: the protocol is made
  * once the handshake succeeds, and sees an asyncio transport.
  *
+ * One difference: an exception from the protocol's callbacks (a bug of ours) goes to the
+ * loop's exception handler, which logs it, and the connection is aborted: its state is
+ * unknown after that. (uvloop, calling transport.py, logs it and leaves it open.)
+ *
  * How it sits in the loop: one epoll set per worker holds the listening sockets, every
  * client connection and a timerfd for handshake deadlines; the event loop watches that
  * set's descriptor (level-triggered) and calls Core.poll when anything in it is ready.
@@ -124,8 +128,12 @@ static void set_events(Conn *c, uint32_t events) {
     /* A connection watching nothing leaves the set: epoll would still report a hang-up
      * for it, again and again (level-triggered), while the protocol has paused reading. */
     int op = events == 0 ? EPOLL_CTL_DEL : c->events == 0 ? EPOLL_CTL_ADD : EPOLL_CTL_MOD;
-    if (epoll_ctl(c->core->epfd, op, c->fd, &ev) == 0)
+    if (epoll_ctl(c->core->epfd, op, c->fd, &ev) == 0) {
         c->events = events;
+    } else { /* (out of memory, or the set is full: said, and it watches what it did) */
+        PyErr_SetFromErrno(PyExc_OSError);
+        PyErr_WriteUnraisable((PyObject *)c);
+    }
 }
 
 static void watch_read(Conn *c) { set_events(c, c->events | EPOLLIN); }
@@ -278,7 +286,9 @@ static void close_now(Conn *c, PyObject *exc) {
     c->wsize = 0;
     c->events = 0;
     if (c->fd >= 0) {
-        close(c->fd); /* (which also takes it out of the epoll set) */
+        /* Closing takes it out of the epoll set: this descriptor is the file's only one
+         * (client sockets are never dup'ed, and the worker never forks). */
+        close(c->fd);
         c->fd = -1;
     }
     if (c->ssl) {
@@ -308,16 +318,26 @@ static void conn_close(Conn *c) {
 
 /* Everything is written: close_notify, then close or linger (transport.py's docstring). */
 static void do_shutdown(Conn *c) {
-    c->state = S_LINGER; /* (from here on, the protocol has had its connection_lost) */
+    /* A protocol in the middle of reading a request (a refused upload) knows more is
+     * coming, whatever the socket holds this very moment. Asked first: it is Python, and
+     * may close or abort the connection itself. */
     int unread = 0;
     if (c->protocol) {
         PyObject *v = PyObject_GetAttr(c->protocol, s_reading_request);
-        if (v) {
-            unread = PyObject_IsTrue(v) == 1;
+        if (v == NULL) {
+            PyErr_Clear(); /* (no such attribute: nothing unread) */
+        } else {
+            unread = PyObject_IsTrue(v);
             Py_DECREF(v);
+            if (unread < 0) {
+                report(c, "edgeproxy: reading_request failed");
+                unread = 1;
+            }
         }
-        PyErr_Clear();
     }
+    if (c->state != S_CLOSING && c->state != S_OPEN)
+        return; /* closed meanwhile */
+    c->state = S_LINGER; /* (from here on, the protocol has had its connection_lost) */
     call_soon_lost(c, NULL);
     /* close_notify, then one read for the client's, as ssl's shutdown() does: without
      * read-ahead that read shows whether the client sent anything else. */
@@ -395,6 +415,7 @@ static void handshake(Conn *c) {
         close_now(c, NULL);
         return;
     }
+    ERR_clear_error(); /* (cheap insurance: ssl's own reads don't clear it first) */
     deadline_forget(c);
     unwatch_write(c);
     c->state = S_OPEN;
@@ -431,6 +452,8 @@ static void on_eof(Conn *c) {
     }
     int keep_open = PyObject_IsTrue(res);
     Py_DECREF(res);
+    if (keep_open < 0)
+        report(c, "edgeproxy: eof_received returned a value with no truth");
     if (keep_open != 1) /* (a TLS half-close can't be kept: the protocol may only write) */
         conn_close(c);
 }
@@ -527,8 +550,17 @@ static void on_writable(Conn *c) {
         if (SSL_write_ex(c->ssl, PyBytes_AS_STRING(item), (size_t)PyBytes_GET_SIZE(item),
                          &written) != 1) {
             int err = SSL_get_error(c->ssl, 0);
-            if (err == SSL_ERROR_WANT_WRITE || err == SSL_ERROR_WANT_READ)
+            if (err == SSL_ERROR_WANT_WRITE || err == SSL_ERROR_WANT_READ) {
+                /* What went out is dropped now: a slow reader's queue may never empty
+                 * (it is refilled before), and would otherwise keep all it was sent. */
+                if (c->whead > 0) {
+                    if (PyList_SetSlice(c->wbuf, 0, c->whead, NULL) == 0)
+                        c->whead = 0;
+                    else
+                        PyErr_WriteUnraisable((PyObject *)c);
+                }
                 return;
+            }
             PyObject *exc = ssl_exception(c, err);
             close_now(c, exc);
             Py_XDECREF(exc);
@@ -550,14 +582,20 @@ static void on_writable(Conn *c) {
                 return;
         }
     }
-    if (c->wbuf && PyList_SetSlice(c->wbuf, 0, PyList_GET_SIZE(c->wbuf), NULL) == 0)
-        c->whead = 0;
+    if (c->wbuf) {
+        if (PyList_SetSlice(c->wbuf, 0, PyList_GET_SIZE(c->wbuf), NULL) == 0)
+            c->whead = 0;
+        else
+            PyErr_WriteUnraisable((PyObject *)c);
+    }
     if (c->read_wants_write) {
         c->read_wants_write = 0;
         if (c->reading)
             on_readable(c);
         if (c->read_wants_write || (c->state != S_OPEN && c->state != S_CLOSING))
             return;
+        if (queued(c))
+            return; /* the protocol wrote more meanwhile: still watched, goes on */
     }
     unwatch_write(c);
     if (c->state == S_CLOSING)
@@ -566,13 +604,25 @@ static void on_writable(Conn *c) {
 
 /* --- the SNI callback --------------------------------------------------------------------- */
 
+/* ssl's keylog callback reads the connection as its own _SSLSocket: a context that has
+ * one (keylog_filename) can't serve here, and a handshake that would get it is refused. */
+static int refuse(Core *core, PyObject *ctx, int *al) {
+    PyErr_Format(PyExc_ValueError,
+                 "%R has a keylog_filename: the C connections can't serve with it (set "
+                 "EDGEPROXY_PY_TRANSPORT=1 to debug TLS that way)",
+                 ctx);
+    PyErr_WriteUnraisable(core->select);
+    *al = SSL_AD_INTERNAL_ERROR;
+    return SSL_TLSEXT_ERR_ALERT_FATAL;
+}
+
 static int servername_cb(SSL *s, int *al, void *arg) {
-    Core *core = (Core *)arg;
     Conn *c = (Conn *)SSL_get_app_data(s);
     if (c == NULL || Py_TYPE(c) != &ConnType) {
         *al = SSL_AD_INTERNAL_ERROR;
         return SSL_TLSEXT_ERR_ALERT_FATAL;
     }
+    Core *core = c->core;
     const char *name = SSL_get_servername(s, TLSEXT_NAMETYPE_host_name);
     PyObject *key;
     if (name == NULL || !*name) {
@@ -595,7 +645,12 @@ static int servername_cb(SSL *s, int *al, void *arg) {
         return SSL_TLSEXT_ERR_ALERT_FATAL;
     }
     if (PyLong_Check(r)) { /* refused: the alert to send */
-        *al = (int)PyLong_AsLong(r);
+        long alert = PyLong_AsLong(r);
+        if (alert < 0 || alert > 255) {
+            PyErr_Clear();
+            alert = SSL_AD_INTERNAL_ERROR;
+        }
+        *al = (int)alert;
         Py_DECREF(r);
         Py_DECREF(key);
         return SSL_TLSEXT_ERR_ALERT_FATAL;
@@ -608,7 +663,20 @@ static int servername_cb(SSL *s, int *al, void *arg) {
         *al = SSL_AD_INTERNAL_ERROR;
         return SSL_TLSEXT_ERR_ALERT_FATAL;
     }
-    SSL_set_SSL_CTX(s, ((PySSLContextHead *)r)->ctx);
+    SSL_CTX *chosen = ((PySSLContextHead *)r)->ctx;
+    if (SSL_CTX_get_keylog_callback(chosen) != NULL) {
+        int refused = refuse(core, r, al);
+        Py_DECREF(r);
+        Py_DECREF(key);
+        return refused;
+    }
+    if (SSL_set_SSL_CTX(s, chosen) == NULL) {
+        ERR_clear_error();
+        Py_DECREF(r);
+        Py_DECREF(key);
+        *al = SSL_AD_INTERNAL_ERROR;
+        return SSL_TLSEXT_ERR_ALERT_FATAL;
+    }
     Py_XSETREF(c->ctx, r);
     Py_XSETREF(c->sni, key);
     return SSL_TLSEXT_ERR_OK;
@@ -675,6 +743,7 @@ static int start_conn(Core *core, int fd, PyObject *peer, PyObject *factory) {
         return -1;
     }
     SSL_set_app_data(c->ssl, c);
+    SSL_set_msg_callback(c->ssl, NULL); /* (ssl's would read c as its own _SSLSocket) */
     SSL_set_fd(c->ssl, fd);
     SSL_set_mode(c->ssl, SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER | SSL_MODE_AUTO_RETRY);
     SSL_set_accept_state(c->ssl);
@@ -863,11 +932,18 @@ static int core_init(Core *self, PyObject *args, PyObject *kwds) {
     self->ssl_error = Py_NewRef(ssl_error);
     self->timeout = timeout;
     self->send_timeout = send_timeout;
-    self->base = ((PySSLContextHead *)base_ctx)->ctx;
+    SSL_CTX *base = ((PySSLContextHead *)base_ctx)->ctx;
+    if (SSL_CTX_get_keylog_callback(base) != NULL) {
+        PyErr_SetString(PyExc_ValueError,
+                        "the base context has a keylog_filename: the C connections can't "
+                        "serve with it (EDGEPROXY_PY_TRANSPORT=1 serves with the Python ones)");
+        return -1;
+    }
+    self->base = base;
     /* This module's SNI callback replaces ssl's on the base context: ssl's expects the
      * connection to be its own _SSLSocket. */
     SSL_CTX_set_tlsext_servername_callback(self->base, servername_cb);
-    SSL_CTX_set_tlsext_servername_arg(self->base, self);
+    SSL_CTX_set_tlsext_servername_arg(self->base, NULL); /* (the core is the connection's) */
     return 0;
 }
 

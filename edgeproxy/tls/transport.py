@@ -430,6 +430,8 @@ class TLSTransport(asyncio.Transport):
                 self._on_readable()
             if self._read_wants_write or self._state not in (_OPEN, _CLOSING):
                 return
+            if self._wbuf:
+                return  # the protocol wrote more meanwhile: still watched, goes on
         self._unwatch_write()
         if self._state == _CLOSING:
             self._shutdown()
