@@ -714,7 +714,8 @@ def machine() -> dict[str, Any]:
         return "?"
 
     digest = hashlib.sha256()
-    for f in sorted((ROOT / "edgeproxy").rglob("*.py")):
+    sources = [*(ROOT / "edgeproxy").rglob("*.py"), *(ROOT / "edgeproxy").rglob("*.c")]
+    for f in sorted(sources):
         digest.update(f.relative_to(ROOT).as_posix().encode() + b"\0" + f.read_bytes())
 
     def git(*a: str) -> str:
@@ -730,9 +731,20 @@ def machine() -> dict[str, Any]:
         text=True,
         check=False,
     ).stdout.strip()
+    # And which client connections serve (tls/native.py): C where built and fitting.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEPROXY_")}
+    why = subprocess.run(
+        [sys.executable, "-c", "from edgeproxy.tls import native; print(native.unavailable())"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
     return {
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
         "beacon_path": "compiled by mypyc" if where.endswith(".so") else "plain Python",
+        "connections": "C (tls/_conn.c)" if not why else f"Python ({why})",
         "nproc": cmd("nproc"),
         "cpu_model": model,
         "kernel": platform.release(),
@@ -756,7 +768,8 @@ def render(res: dict[str, Any]) -> str:
         f"Machine: {m['nproc']} CPUs ({m['cpu_model']}), Linux {m['kernel']}, Python "
         f"{m['python']} ({m['openssl_python']}), {m['nginx']}, {m['wrk']}. edgeproxy at "
         f"{m['git_head']} (source sha256 {m['edgeproxy_source_sha256']}"
-        f"{dirty}; beacon path {m.get('beacon_path', '?')}"
+        f"{dirty}; beacon path {m.get('beacon_path', '?')}; client connections "
+        f"{m.get('connections', '?')}"
         f"). Load average at start {' '.join(m['loadavg_start'])}, at end "
         f"{' '.join(m.get('loadavg_end', []))}.",
         "",
