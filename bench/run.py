@@ -723,24 +723,17 @@ def machine() -> dict[str, Any]:
             ["git", *a], cwd=ROOT, capture_output=True, text=True, check=False
         ).stdout.strip()
 
-    # setup.py may have compiled the beacon path (make does when it can): say which ran.
-    where = subprocess.run(
-        [sys.executable, "-c", "import edgeproxy.proxy.forward as f; print(f.__file__)"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=False,
-    ).stdout.strip()
-    # And which client connections serve (tls/native.py): C where built and fitting.
+    # setup.py may have compiled the beacon path (make does when it can), and the client
+    # connections are C where built and fitting (tls/native.py): say which ran.
+    probe = (
+        "import edgeproxy.proxy.forward as f; from edgeproxy.tls import native; "
+        "print(f.__file__); print(native.unavailable())"
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEPROXY_")}
-    why = subprocess.run(
-        [sys.executable, "-c", "from edgeproxy.tls import native; print(native.unavailable())"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    ).stdout.strip()
+    out = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True
+    ).stdout.splitlines()
+    where, why = (out + ["", "?"])[:2]
     return {
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
         "beacon_path": "compiled by mypyc" if where.endswith(".so") else "plain Python",

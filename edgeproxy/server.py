@@ -88,11 +88,15 @@ class Worker:
         self.rescan()
         loop = asyncio.get_running_loop()
         timeout = self.settings.server.handshake_timeout
+
+        def factory() -> asyncio.Protocol:
+            return as_protocol(ClientConnection(self.ctx))
+
         if not native.unavailable():
             self.native = native.NativeServer(
                 loop,
                 self.base_ctx,
-                lambda: as_protocol(ClientConnection(self.ctx)),
+                factory,
                 self.store.context_for,
                 self.tally,
                 timeout,
@@ -114,7 +118,7 @@ class Worker:
             listener = TLSListener(
                 sock,
                 self.base_ctx,
-                lambda: as_protocol(ClientConnection(self.ctx)),
+                factory,
                 deadlines=self.deadlines,
                 tally=self.tally,
                 send_timeout=self.settings.server.send_timeout,

@@ -29,11 +29,7 @@ from typing import Any
 
 from edgeproxy.logging import server_log
 from edgeproxy.tls.sni import HandshakeTally, make_selector
-
-ACCEPT_BACKOFF = 0.1
-"""Out of file descriptors: accepting pauses this long instead of spinning on the error."""
-
-ProtocolFactory = Callable[[], asyncio.Protocol]
+from edgeproxy.tls.transport import ACCEPT_BACKOFF, ProtocolFactory
 
 
 def _load() -> tuple[ModuleType | None, str]:
