@@ -46,6 +46,7 @@
 #define MAX_EVENTS 64
 
 enum { S_HANDSHAKE, S_OPEN, S_CLOSING, S_LINGER, S_CLOSED };
+static const char *STATE_NAMES[] = {"handshake", "open", "closing", "linger", "closed"};
 
 /* epoll tags: a connection is its (aligned) pointer; these have low bits set. */
 #define TAG_TIMER ((uint64_t)2)
@@ -1203,8 +1204,7 @@ static PyObject *conn_set_protocol(Conn *c, PyObject *protocol) {
 static PyObject *conn_get_edge_sni(Conn *c, void *closure) { return Py_NewRef(c->sni); }
 
 static PyObject *conn_get_state(Conn *c, void *closure) {
-    static const char *names[] = {"handshake", "open", "closing", "linger", "closed"};
-    return PyUnicode_FromString(names[c->state]);
+    return PyUnicode_FromString(STATE_NAMES[c->state]);
 }
 
 static PyGetSetDef conn_getset[] = {
@@ -1274,9 +1274,8 @@ static void conn_dealloc(Conn *c) {
 }
 
 static PyObject *conn_repr(Conn *c) {
-    static const char *names[] = {"handshake", "open", "closing", "linger", "closed"};
     return PyUnicode_FromFormat("<edgeproxy TLS connection fd=%d %s sni=%R>", c->fd,
-                                names[c->state], c->sni ? c->sni : Py_None);
+                                STATE_NAMES[c->state], c->sni ? c->sni : Py_None);
 }
 
 static PyTypeObject ConnType = {
